@@ -1,0 +1,355 @@
+"""Typed configuration for every knob, loaded from YAML plus ``key=value`` overrides.
+
+The dataclasses hold every default; YAML files, command-line overrides and Ray search
+spaces only override fields by their dotted name (``loss.temperature=4``). Validation
+runs before anything is written or Ray starts, and every error is one line that names
+the key, the value and what is allowed. This module imports neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value that is not allowed; the message is meant for people."""
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
+ARCHS = ("gpt2", "llama")
+INITS = ("random", "teacher")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+WORLD_SIZES = ("tiny", "small", "default")
+
+
+@dataclass
+class TeacherConfig:
+    """Where the teacher comes from, and how the project trains one on the world."""
+
+    source: str = "world"
+    """``world`` trains a teacher on the embedded world (cached by config fingerprint);
+    anything else is a hub id or a local ``save_pretrained`` directory."""
+    trust_remote_code: bool = False
+    """Allow a hub model's own code to run; off unless asked for."""
+    arch: str = "gpt2"
+    """Architecture of a world-trained teacher: gpt2 or llama."""
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    steps: int = 760
+    """Optimizer steps for a world-trained teacher (~30 passes over the default world)."""
+    batch_size: int = 16
+    lr: float = 2e-3
+
+
+@dataclass
+class StudentConfig:
+    """The student's shape: the teacher's config with depth and width overridden."""
+
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 0
+    """Attention heads; 0 keeps the teacher's head size (n_embd / teacher head dim)."""
+    init: str = "random"
+    """``random``, or ``teacher``: copy embeddings and evenly spaced layers (widths must match)."""
+
+
+@dataclass
+class DataConfig:
+    """Training text: the embedded world, a hub dataset id, or local files."""
+
+    source: str = "world"
+    """``world``, a hub dataset id (``wikitext``), or a local .txt/.jsonl/.parquet path or directory."""
+    world_size: str = "default"
+    """Size of the embedded world: tiny (tests), small, default (the main job)."""
+    world_seed: int = 0
+    hub_config: str = ""
+    """Dataset config name for hub ids (``wikitext-2-raw-v1``)."""
+    text_column: str = "text"
+    block_size: int = 128
+    """Tokens per packed training block."""
+    val_fraction: float = 0.05
+    """Share of blocks held out for validation when the source has no validation split."""
+    max_blocks: int = 0
+    """Cap on training blocks (0 = all)."""
+
+
+@dataclass
+class LossConfig:
+    """The distillation objective: (1 - kd_weight) * CE + kd_weight * T^2 * D."""
+
+    temperature: float = 2.0
+    """Softmax temperature T applied to teacher and student logits; must be > 0."""
+    kd_weight: float = 0.5
+    """0 = cross-entropy only, 1 = distillation only."""
+    divergence: str = "forward_kl"
+    """forward_kl (Hinton), reverse_kl, jsd, skew_kl or tvd."""
+    jsd_beta: float = 0.5
+    """Mixture weight of JSD(beta); in (0, 1)."""
+    skew_alpha: float = 0.1
+    """Skew of skew KL; in [0, 1)."""
+    top_k: int = 0
+    """Keep only the teacher's top-k logits per token (0 = dense)."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    steps: int = 400
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 40
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    """Evaluate (and checkpoint) every N steps, and at the end."""
+    eval_blocks: int = 64
+    """Validation blocks per evaluation (0 = all)."""
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    """auto = bf16 autocast where the hardware is fast at it, else fp32."""
+    threads: int = 0
+    """torch intra-op threads (0 = leave torch's default)."""
+
+
+@dataclass
+class KDConfig:
+    """One distillation run: teacher, student, data, loss and training."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/distill"
+    """Where the student, checkpoints and metrics.json go."""
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+def flat_keys(cls: type = KDConfig, prefix: str = "") -> dict[str, type]:
+    """Every dotted key of a config class with its declared type."""
+    out: dict[str, type] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(flat_keys(tp, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = tp
+    return out
+
+
+def to_flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """The config as ``{"loss.temperature": 2.0, ...}`` (what MLflow params get)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(to_flat_dict(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def _unknown_key(key: str) -> ConfigError:
+    keys = list(flat_keys())
+    near = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not near:  # also try the leaf name alone: "temperature" -> "loss.temperature"
+        leaf = key.rsplit(".", 1)[-1]
+        near = [k for k in keys if k.rsplit(".", 1)[-1] == leaf] or difflib.get_close_matches(
+            leaf, keys, n=1, cutoff=0.6
+        )
+    hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(keys)}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, value: Any, tp: type) -> Any:
+    """Turn a YAML or command-line value into the field's type, or say why not."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}={value!r} is not allowed: expected true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not allowed: expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not allowed: expected an integer") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not allowed: expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} is not allowed: expected a number") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}={value!r} is not allowed: expected a string")
+        return "" if value is None else str(value)
+    return value
+
+
+def apply_overrides(cfg: KDConfig, overrides: dict[str, Any]) -> KDConfig:
+    """Return a copy of ``cfg`` with dotted keys replaced (types coerced, keys checked)."""
+    cfg = dataclasses.replace(
+        cfg, **{f.name: dataclasses.replace(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                if dataclasses.is_dataclass(getattr(cfg, f.name))}
+    )
+    keys = flat_keys()
+    for key, value in overrides.items():
+        if key not in keys:
+            raise _unknown_key(key)
+        target: Any = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = getattr(target, p)
+        setattr(target, leaf, _coerce(key, value, keys[key]))
+    return cfg
+
+
+def _flatten_yaml(data: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten_yaml(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse ``["loss.temperature=4", ...]`` into a dict (values stay strings)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not allowed: expected key=value, e.g. loss.temperature=4")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] | None = None) -> KDConfig:
+    """Build a validated config from defaults, an optional YAML file and overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        import yaml  # only needed when a file is given
+
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config={str(path)!r} is not allowed: the file does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config={str(path)!r} is not allowed: expected a mapping of keys at the top")
+        values.update(_flatten_yaml(data))
+    if overrides:
+        values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    cfg = apply_overrides(KDConfig(), values)
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, value, f"choose one of {', '.join(choices)}")
+
+
+def _is_local_path(source: str) -> bool:
+    """A source that looks like a filesystem path rather than a hub id."""
+    return source.startswith((".", "/", "~")) or source.endswith((".txt", ".jsonl", ".json", ".parquet")) \
+        or os.sep in source and source.count("/") > 1
+
+
+def validate(cfg: KDConfig) -> None:
+    """Raise :class:`ConfigError` on the first value that is not allowed.
+
+    Checks that need no model or file contents; the tokenizer match between teacher and
+    student is checked in :mod:`kd.models` once both are known.
+    """
+    t, s, d, l, tr = cfg.teacher, cfg.student, cfg.data, cfg.loss, cfg.train
+    _check(l.temperature > 0, "loss.temperature", l.temperature, "must be > 0")
+    _check(0.0 <= l.kd_weight <= 1.0, "loss.kd_weight", l.kd_weight, "must be in [0, 1]")
+    _check_choice("loss.divergence", l.divergence, DIVERGENCES)
+    _check(0.0 < l.jsd_beta < 1.0, "loss.jsd_beta", l.jsd_beta, "must be in (0, 1)")
+    _check(0.0 <= l.skew_alpha < 1.0, "loss.skew_alpha", l.skew_alpha, "must be in [0, 1)")
+    _check(l.top_k >= 0, "loss.top_k", l.top_k, "must be >= 0 (0 = dense teacher logits)")
+
+    _check_choice("teacher.arch", t.arch, ARCHS)
+    for key, v in (("teacher.n_layer", t.n_layer), ("teacher.n_embd", t.n_embd), ("teacher.n_head", t.n_head),
+                   ("teacher.steps", t.steps), ("teacher.batch_size", t.batch_size)):
+        _check(v >= 1, key, v, "must be >= 1")
+    _check(t.n_embd % t.n_head == 0, "teacher.n_embd", t.n_embd,
+           f"must be divisible by teacher.n_head={t.n_head}")
+    _check(t.lr > 0, "teacher.lr", t.lr, "must be > 0")
+    if t.source != "world" and _is_local_path(t.source):
+        _check(Path(t.source).expanduser().exists(), "teacher.source", t.source,
+               "a local path must exist (or use 'world' or a hub id)")
+
+    _check(s.n_layer >= 1, "student.n_layer", s.n_layer, "must be >= 1")
+    _check(s.n_embd >= 1, "student.n_embd", s.n_embd, "must be >= 1")
+    _check(s.n_head >= 0, "student.n_head", s.n_head, "must be >= 0 (0 = keep the teacher's head size)")
+    if s.n_head:
+        _check(s.n_embd % s.n_head == 0, "student.n_embd", s.n_embd,
+               f"must be divisible by student.n_head={s.n_head}")
+    elif t.source == "world":
+        head_dim = t.n_embd // t.n_head
+        _check(s.n_embd % head_dim == 0, "student.n_embd", s.n_embd,
+               f"must be divisible by the teacher's head size {head_dim} (or set student.n_head)")
+    _check_choice("student.init", s.init, INITS)
+    if s.init == "teacher" and t.source == "world":
+        _check(s.n_embd == t.n_embd, "student.n_embd", s.n_embd,
+               f"must equal teacher.n_embd={t.n_embd} when student.init=teacher")
+
+    _check_choice("data.world_size", d.world_size, WORLD_SIZES)
+    _check(d.block_size >= 8, "data.block_size", d.block_size, "must be >= 8")
+    _check(0.0 < d.val_fraction < 0.5, "data.val_fraction", d.val_fraction, "must be in (0, 0.5)")
+    _check(d.max_blocks >= 0, "data.max_blocks", d.max_blocks, "must be >= 0 (0 = all)")
+    if d.source != "world" and _is_local_path(d.source):
+        _check(Path(d.source).expanduser().exists(), "data.source", d.source,
+               "a local path must exist (or use 'world' or a hub dataset id)")
+
+    for key, v in (("train.steps", tr.steps), ("train.batch_size", tr.batch_size), ("train.eval_every", tr.eval_every)):
+        _check(v >= 1, key, v, "must be >= 1")
+    _check(tr.lr > 0, "train.lr", tr.lr, "must be > 0")
+    _check(tr.weight_decay >= 0, "train.weight_decay", tr.weight_decay, "must be >= 0")
+    _check(tr.warmup_steps >= 0, "train.warmup_steps", tr.warmup_steps, "must be >= 0")
+    _check(tr.grad_clip >= 0, "train.grad_clip", tr.grad_clip, "must be >= 0 (0 = no clipping)")
+    _check(tr.eval_blocks >= 0, "train.eval_blocks", tr.eval_blocks, "must be >= 0 (0 = all)")
+    _check(tr.threads >= 0, "train.threads", tr.threads, "must be >= 0 (0 = torch's default)")
+    _check_choice("train.device", tr.device, DEVICES)
+    _check_choice("train.precision", tr.precision, PRECISIONS)
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a config (or any JSON-able value) for cache keys."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
