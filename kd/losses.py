@@ -1,0 +1,341 @@
+"""Distillation losses: pure tensor functions, fp32 math, ``-100`` masking, top-k sparse.
+
+The objective of the method (Hinton et al., 2015), per unmasked token::
+
+    loss = (1 - kd_weight) * CE(student, label) + kd_weight * T^2 * D(p_T, q_T)
+
+with ``p_T = softmax(teacher / T)``, ``q_T = softmax(student / T)`` and ``D`` one of
+:data:`DIVERGENCES`. The ``T^2`` keeps the gradient of the soft term comparable across
+temperatures: the gradient of ``D`` wrt the student logits shrinks like ``1 / T^2`` as T
+grows (``tests/test_losses.py`` checks the high-T limit).
+
+Conventions (``p`` = teacher, ``q`` = student, sums over the vocabulary):
+
+- ``forward_kl``  KL(p || q) = sum p log(p / q)                 (Hinton's method)
+- ``reverse_kl``  KL(q || p) = sum q log(q / p)
+- ``jsd``         beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+                  (beta weights the teacher, as in TRL's generalized JSD; beta = 0.5 is
+                  the symmetric JSD, bounded by log 2)
+- ``skew_kl``     KL(p || alpha p + (1 - alpha) q)             (DistiLLM; alpha = 0 is
+                  forward KL; bounded by -log(alpha) for alpha > 0)
+- ``tvd``         0.5 sum |p - q|
+
+Teacher targets come either dense, ``teacher_logits`` (B, T, V), or sparse, the
+teacher's top-k raw logits ``topk_values`` (B, T, k) at ``topk_indices`` (B, T, k), as
+the soft-label cache stores them. Sparse targets mean the *truncated teacher*
+``p~ = softmax(topk_values / T)`` on the k kept tokens and 0 elsewhere; the student keeps
+its full-vocabulary ``q = softmax(student / T)``, gathered at the k indices, plus its
+tail mass ``1 - q(S)`` outside the kept set S. Every sparse divergence is then the
+dense divergence against ``p~`` computed exactly from those k + 1 numbers:
+
+- forward KL, skew KL: the terms outside S vanish (p~ = 0 there). Forward KL equals
+  ``KL(p~_S || q_S / q(S)) - log q(S)``: match the teacher's shape on S and put mass on S.
+- JSD: outside S, m = (1 - beta) q, so those terms add ``(1 - beta) * tail * -log(1 - beta)``.
+- TVD: outside S, |p~ - q| = q, so those terms add ``0.5 * tail``.
+- reverse KL is infinite against p~ (q > 0 where p~ = 0), so the sparse version is the
+  generalized KL between the two measures restricted to S,
+  ``sum_S [q log(q / p~) - q + p~] = sum_S q log(q / p~) + tail``: >= 0, zero only when
+  q = p~ on S (hence tail = 0), and the ordinary KL(q || p) once S is the whole vocabulary.
+
+At ``k = V`` the tail is 0 and every sparse value and gradient equals the dense one up
+to float rounding (the teacher's softmax over its k logits is then the full softmax).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")  # = kd.config.DIVERGENCES
+
+
+class LossParts(NamedTuple):
+    """The combined loss and its two parts, all fp32 scalars.
+
+    ``loss = (1 - kd_weight) * ce + kd_weight * kd``; ``kd`` already includes ``T^2``.
+    """
+
+    loss: Tensor
+    ce: Tensor
+    kd: Tensor
+
+
+# ------------------------------------------------------------------ per-token divergences
+# Each takes teacher and student log-probs over the same support (N, S) and the student's
+# tail mass outside it (N,) (None for a dense support: zero tail) and returns (N,).
+
+
+def _plog(p: Tensor, log_p: Tensor, log_r: Tensor) -> Tensor:
+    """sum p * (log p - log r) over the last dim, with 0 * log 0 = 0.
+
+    The where keeps a -inf log-prob (a masked vocabulary entry) from turning 0 * -inf
+    into NaN; finite-but-underflowed probabilities give 0 without it anyway.
+    """
+    return torch.where(p > 0, p * (log_p - log_r), torch.zeros_like(p)).sum(-1)
+
+
+def _tail(tail: Tensor | None, scale: float) -> Tensor | float:
+    return 0.0 if tail is None else scale * tail
+
+
+def forward_kl(log_p: Tensor, log_q: Tensor, tail: Tensor | None = None) -> Tensor:
+    """KL(p || q) per token.
+
+    Args:
+        log_p: teacher log-probs (N, S).
+        log_q: student log-probs on the same support (N, S).
+        tail: student mass outside the support (N,); forward KL does not need it
+            (the teacher has no mass there).
+
+    Returns:
+        (N,) fp32.
+    """
+    return _plog(log_p.exp(), log_p, log_q)
+
+
+def reverse_kl(log_p: Tensor, log_q: Tensor, tail: Tensor | None = None) -> Tensor:
+    """KL(q || p) per token; on a top-k support, the generalized KL on S (+ tail).
+
+    Args:
+        log_p: teacher log-probs (N, S).
+        log_q: student log-probs on the same support (N, S).
+        tail: student mass outside the support (N,) or None (dense).
+
+    Returns:
+        (N,) fp32.
+    """
+    return _plog(log_q.exp(), log_q, log_p) + _tail(tail, 1.0)
+
+
+def jsd(log_p: Tensor, log_q: Tensor, tail: Tensor | None = None, beta: float = 0.5) -> Tensor:
+    """Generalized JSD: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q.
+
+    Args:
+        log_p: teacher log-probs (N, S).
+        log_q: student log-probs on the same support (N, S).
+        tail: student mass outside the support (N,) or None (dense).
+        beta: weight of the teacher in the mixture, in (0, 1).
+
+    Returns:
+        (N,) fp32.
+    """
+    # log m by logsumexp: p and q can both be tiny where exp would underflow.
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    body = beta * _plog(log_p.exp(), log_p, log_m) + (1 - beta) * _plog(log_q.exp(), log_q, log_m)
+    return body + _tail(tail, -(1 - beta) * math.log1p(-beta))
+
+
+def skew_kl(log_p: Tensor, log_q: Tensor, tail: Tensor | None = None, alpha: float = 0.1) -> Tensor:
+    """Skew KL: KL(p || alpha p + (1 - alpha) q).
+
+    Args:
+        log_p: teacher log-probs (N, S).
+        log_q: student log-probs on the same support (N, S).
+        tail: student mass outside the support (N,); not needed (p is 0 there).
+        alpha: skew towards the teacher, in [0, 1); 0 is forward KL.
+
+    Returns:
+        (N,) fp32.
+    """
+    if alpha == 0:  # the mixture is q itself (and math.log(0) would raise)
+        return forward_kl(log_p, log_q)
+    log_mix = torch.logaddexp(log_p + math.log(alpha), log_q + math.log1p(-alpha))
+    return _plog(log_p.exp(), log_p, log_mix)
+
+
+def tvd(log_p: Tensor, log_q: Tensor, tail: Tensor | None = None) -> Tensor:
+    """Total variation distance 0.5 * sum |p - q| per token.
+
+    Args:
+        log_p: teacher log-probs (N, S).
+        log_q: student log-probs on the same support (N, S).
+        tail: student mass outside the support (N,) or None (dense).
+
+    Returns:
+        (N,) fp32.
+    """
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1) + _tail(tail, 0.5)
+
+
+def divergence_per_token(
+    divergence: str,
+    log_p: Tensor,
+    log_q: Tensor,
+    tail: Tensor | None = None,
+    *,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+) -> Tensor:
+    """Dispatch by name to one of :data:`DIVERGENCES`; shapes as in :func:`forward_kl`."""
+    if divergence == "forward_kl":
+        return forward_kl(log_p, log_q, tail)
+    if divergence == "reverse_kl":
+        return reverse_kl(log_p, log_q, tail)
+    if divergence == "jsd":
+        return jsd(log_p, log_q, tail, beta=jsd_beta)
+    if divergence == "skew_kl":
+        return skew_kl(log_p, log_q, tail, alpha=skew_alpha)
+    if divergence == "tvd":
+        return tvd(log_p, log_q, tail)
+    raise ValueError(f"divergence={divergence!r} is not allowed: choose one of {', '.join(DIVERGENCES)}")
+
+
+# ------------------------------------------------------------------------ the entry point
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Mean next-token cross-entropy over unmasked positions, in fp32.
+
+    Args:
+        logits: (B, T, V) or (N, V), any float dtype.
+        labels: (B, T) or (N,) int; ``ignore_index`` marks masked positions.
+
+    Returns:
+        fp32 scalar; 0 (not NaN) when every position is masked.
+    """
+    labels = labels.reshape(-1)
+    keep = labels != ignore_index
+    # Select the rows rather than rely on ignore_index alone: a masked row holding inf
+    # would still put NaN into the backward pass. Sum / count rather than
+    # reduction="mean", which is 0/0 = NaN on an all-masked batch.
+    logits = logits.reshape(-1, logits.shape[-1])[keep].float()  # (N, V)
+    total = F.cross_entropy(logits, labels[keep], reduction="sum")
+    return total / keep.sum().clamp(min=1)
+
+
+def _check_args(temperature: float, kd_weight: float, divergence: str, jsd_beta: float, skew_alpha: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} is not allowed: must be > 0")
+    if not 0.0 <= kd_weight <= 1.0:
+        raise ValueError(f"kd_weight={kd_weight!r} is not allowed: must be in [0, 1]")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r} is not allowed: choose one of {', '.join(DIVERGENCES)}")
+    if divergence == "jsd" and not 0.0 < jsd_beta < 1.0:
+        raise ValueError(f"jsd_beta={jsd_beta!r} is not allowed: must be in (0, 1)")
+    if divergence == "skew_kl" and not 0.0 <= skew_alpha < 1.0:
+        raise ValueError(f"skew_alpha={skew_alpha!r} is not allowed: must be in [0, 1)")
+
+
+def _teacher_student_log_probs(
+    student: Tensor,
+    temperature: float,
+    teacher_logits: Tensor | None,
+    topk_indices: Tensor | None,
+    topk_values: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Tempered log-probs on a common support, for the (N, V) rows already selected.
+
+    Returns:
+        log_p (N, S), log_q (N, S) and the student's tail mass (N,) or None when dense.
+    """
+    log_q_full = F.log_softmax(student.float() / temperature, dim=-1)  # (N, V)
+    if teacher_logits is not None:
+        return F.log_softmax(teacher_logits.float() / temperature, dim=-1), log_q_full, None
+    log_p = F.log_softmax(topk_values.float() / temperature, dim=-1)  # (N, k)
+    log_q = log_q_full.gather(-1, topk_indices.long())  # (N, k)
+    # Student mass off the teacher's kept set; clamp the rounding at k = V (1 - 1.0000001).
+    tail = (1.0 - log_q.exp().sum(-1)).clamp(min=0.0)
+    return log_p, log_q, tail
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    labels: Tensor,
+    *,
+    teacher_logits: Tensor | None = None,
+    topk_indices: Tensor | None = None,
+    topk_values: Tensor | None = None,
+    temperature: float,
+    kd_weight: float,
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+) -> LossParts:
+    """``(1 - kd_weight) * CE + kd_weight * T^2 * D(teacher_T, student_T)``, masked means.
+
+    Args:
+        student_logits: (B, T, V), aligned so ``student_logits[:, t]`` predicts
+            ``labels[:, t]``; any float dtype (the math runs in fp32).
+        labels: (B, T) int; ``-100`` positions are excluded from both CE and KD.
+        teacher_logits: dense teacher logits (B, T, V) with the student's V.
+        topk_indices: sparse teacher targets, token ids (B, T, k), instead of
+            ``teacher_logits``.
+        topk_values: the teacher's raw (untempered) logits at those ids (B, T, k), e.g. fp16.
+        temperature: T > 0, applied to teacher and student alike.
+        kd_weight: in [0, 1]; 0 never reads the teacher tensors (they may be None).
+        divergence: one of :data:`DIVERGENCES`.
+        jsd_beta: teacher weight in the JSD mixture, in (0, 1).
+        skew_alpha: teacher weight in the skew-KL mixture, in [0, 1).
+
+    Returns:
+        :class:`LossParts` ``(loss, ce, kd)`` of fp32 scalars; ``kd`` includes ``T^2``
+        and is a 0 tensor when ``kd_weight == 0``. An all-masked batch gives zeros with
+        finite (zero) gradients.
+
+    Raises:
+        ValueError: a knob out of range, teacher targets missing or given twice, or
+            shapes that do not line up (different vocabularies, token ids past V).
+    """
+    _check_args(temperature, kd_weight, divergence, jsd_beta, skew_alpha)
+    if student_logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and labels {tuple(labels.shape)} do not line up: "
+            "expected logits (B, T, V) and labels (B, T)"
+        )
+    ce = cross_entropy(student_logits, labels)
+    if kd_weight == 0:
+        return LossParts(ce, ce, torch.zeros((), dtype=torch.float32, device=ce.device))
+
+    sparse = topk_indices is not None or topk_values is not None
+    if teacher_logits is None and not sparse:
+        raise ValueError(
+            f"kd_weight={kd_weight} needs teacher targets: pass teacher_logits (B, T, V) or "
+            "topk_indices and topk_values (B, T, k), or set kd_weight=0 for cross-entropy only"
+        )
+    if teacher_logits is not None and sparse:
+        raise ValueError("pass either teacher_logits or topk_indices/topk_values, not both")
+    vocab = student_logits.shape[-1]
+    if teacher_logits is not None:
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(
+                f"teacher_logits {tuple(teacher_logits.shape)} and student_logits "
+                f"{tuple(student_logits.shape)} differ; when only the vocabulary size differs "
+                "(padded embedding rows), cut both to the tokenizer length: logits[..., :len(tokenizer)]"
+            )
+    else:
+        if topk_indices is None or topk_values is None:
+            raise ValueError("sparse teacher targets need both topk_indices and topk_values")
+        if topk_indices.shape != topk_values.shape or topk_indices.shape[:-1] != labels.shape:
+            raise ValueError(
+                f"topk_indices {tuple(topk_indices.shape)} and topk_values {tuple(topk_values.shape)} "
+                f"must both be (B, T, k) with (B, T) = {tuple(labels.shape)}"
+            )
+
+    # Work only on unmasked rows: masked positions may hold anything (padding, inf) and
+    # must change neither the value nor the gradients. (N, V) with N = unmasked tokens.
+    keep = (labels != IGNORE_INDEX).reshape(-1)
+    student = student_logits.reshape(-1, vocab)[keep]
+    if teacher_logits is not None:
+        teacher, idx, val = teacher_logits.reshape(-1, vocab)[keep], None, None
+    else:
+        k = topk_indices.shape[-1]
+        teacher, idx, val = None, topk_indices.reshape(-1, k)[keep], topk_values.reshape(-1, k)[keep]
+        if idx.numel() and (int(idx.max()) >= vocab or int(idx.min()) < 0):
+            raise ValueError(
+                f"topk_indices hold token ids in [{int(idx.min())}, {int(idx.max())}] but the student has "
+                f"{vocab} logits: teacher and student must share a tokenizer; cut the student's logits "
+                "to the tokenizer length (logits[..., :len(tokenizer)]) and rebuild the soft labels with it"
+            )
+
+    log_p, log_q, tail = _teacher_student_log_probs(student, temperature, teacher, idx, val)
+    per_token = divergence_per_token(divergence, log_p, log_q, tail, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+    # The T^2 of the method: undo the 1/T^2 the tempered softmax puts on the gradients.
+    kd = temperature**2 * per_token.sum() / max(per_token.numel(), 1)
+    if kd_weight == 1:
+        return LossParts(kd, ce, kd)
+    return LossParts((1 - kd_weight) * ce + kd_weight * kd, ce, kd)
