@@ -35,18 +35,19 @@ WORLD_SIZES = ("tiny", "small", "default")
 class TeacherConfig:
     """Where the teacher comes from, and how the project trains one on the world."""
 
-    source: str = "world"
-    """``world`` trains a teacher on the embedded world (cached by config fingerprint);
-    anything else is a hub id or a local ``save_pretrained`` directory."""
+    source: str = "train"
+    """``train``: the project trains a teacher on ``data.source`` (the embedded world by
+    default), cached by the fingerprint of its config; anything else is a hub id or a
+    local ``save_pretrained`` directory."""
     trust_remote_code: bool = False
     """Allow a hub model's own code to run; off unless asked for."""
     arch: str = "gpt2"
-    """Architecture of a world-trained teacher: gpt2 or llama."""
+    """Architecture of a teacher the project trains: gpt2 or llama."""
     n_layer: int = 4
     n_embd: int = 256
     n_head: int = 4
     steps: int = 760
-    """Optimizer steps for a world-trained teacher (~30 passes over the default world)."""
+    """Optimizer steps for a teacher the project trains (~30 passes over the default world)."""
     batch_size: int = 16
     lr: float = 2e-3
 
@@ -55,6 +56,9 @@ class TeacherConfig:
 class StudentConfig:
     """The student's shape: the teacher's config with depth and width overridden."""
 
+    source: str = ""
+    """Empty: build the student from the teacher's config (the shape below). Otherwise a
+    hub id or local directory of a pretrained student, which must share the teacher's tokenizer."""
     n_layer: int = 2
     n_embd: int = 128
     n_head: int = 0
@@ -308,22 +312,25 @@ def validate(cfg: KDConfig) -> None:
     _check(t.n_embd % t.n_head == 0, "teacher.n_embd", t.n_embd,
            f"must be divisible by teacher.n_head={t.n_head}")
     _check(t.lr > 0, "teacher.lr", t.lr, "must be > 0")
-    if t.source != "world" and _is_local_path(t.source):
+    if t.source != "train" and _is_local_path(t.source):
         _check(Path(t.source).expanduser().exists(), "teacher.source", t.source,
-               "a local path must exist (or use 'world' or a hub id)")
+               "a local path must exist (or use 'train' or a hub id)")
 
+    if s.source and _is_local_path(s.source):
+        _check(Path(s.source).expanduser().exists(), "student.source", s.source,
+               "a local path must exist (or leave it empty to build the student from the teacher)")
     _check(s.n_layer >= 1, "student.n_layer", s.n_layer, "must be >= 1")
     _check(s.n_embd >= 1, "student.n_embd", s.n_embd, "must be >= 1")
     _check(s.n_head >= 0, "student.n_head", s.n_head, "must be >= 0 (0 = keep the teacher's head size)")
     if s.n_head:
         _check(s.n_embd % s.n_head == 0, "student.n_embd", s.n_embd,
                f"must be divisible by student.n_head={s.n_head}")
-    elif t.source == "world":
+    elif t.source == "train":
         head_dim = t.n_embd // t.n_head
         _check(s.n_embd % head_dim == 0, "student.n_embd", s.n_embd,
                f"must be divisible by the teacher's head size {head_dim} (or set student.n_head)")
     _check_choice("student.init", s.init, INITS)
-    if s.init == "teacher" and t.source == "world":
+    if s.init == "teacher" and t.source == "train":
         _check(s.n_embd == t.n_embd, "student.n_embd", s.n_embd,
                f"must equal teacher.n_embd={t.n_embd} when student.init=teacher")
 

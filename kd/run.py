@@ -1,0 +1,122 @@
+"""One distillation run end to end: teacher, data, student, training, evaluation.
+
+This is what ``kd distill`` runs and what every sweep trial runs (``kd.sweep`` wraps it
+with Ray; nothing here imports Ray or MLflow). The output directory gets the student
+(``save_pretrained``, safetensors, with the tokenizer), its checkpoints and
+``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kd.config import KDConfig, fingerprint
+from kd.data import load_blocks
+from kd.models import build_student, check_same_tokenizer, load_pretrained
+from kd.paths import cache_dir
+from kd.teacher import ensure_teacher
+from kd.train import Hooks, Report, online_teacher, pick_device, train
+
+
+def _world_dir(cfg: KDConfig) -> Path | None:
+    if cfg.data.source != "world":
+        return None
+    from kd.world import ensure_world
+
+    return ensure_world(cfg.data.world_size, cfg.data.world_seed)
+
+
+def evaluate_model(model: torch.nn.Module, tokenizer: Any, cfg: KDConfig) -> dict[str, float]:
+    """Task accuracies on the world's sets (when training on the world) plus size and speed."""
+    from kd.evaluate import evaluate_world
+    from kd.measure import measure_model
+
+    model.eval()
+    out: dict[str, float] = {}
+    world = _world_dir(cfg)
+    if world is not None:
+        out.update(evaluate_world(model, tokenizer, world))
+    out.update(measure_model(model, tokenizer))
+    return out
+
+
+def teacher_metrics(teacher: torch.nn.Module, tokenizer: Any, teacher_source: str, cfg: KDConfig,
+                    val_blocks: torch.Tensor) -> dict[str, float]:
+    """The teacher's reference figures, computed once per teacher and data and cached."""
+    from kd.train import validation_loss
+
+    key = fingerprint({"teacher": teacher_source, "data": cfg.data.__dict__, "v": 1})
+    path = cache_dir() / "teacher_metrics" / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    device = next(teacher.parameters()).device
+    metrics = evaluate_model(teacher, tokenizer, cfg)
+    metrics["val_loss"] = validation_loss(teacher, val_blocks, len(tokenizer), device=device, precision=cfg.train.precision)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(metrics, indent=1))
+    os.replace(tmp, path)
+    return metrics
+
+
+def distill(
+    cfg: KDConfig,
+    *,
+    report: Report | None = None,
+    resume_from: str | os.PathLike | None = None,
+    hooks: Hooks | None = None,
+    progress: bool = False,
+    evaluate: bool = True,
+) -> dict[str, float]:
+    """Distill one student as ``cfg`` says; return its final metrics (teacher's as ``teacher_*``).
+
+    Writes ``cfg.output_dir/student/`` and ``cfg.output_dir/metrics.json`` (rank 0).
+    ``report`` gets every evaluation and, last, the final metrics with no checkpoint.
+    """
+    hooks = hooks or Hooks()
+    out = Path(cfg.output_dir)
+    device = hooks.device or pick_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+
+    teacher_source = ensure_teacher(cfg, progress=progress)
+    teacher, tokenizer = load_pretrained(teacher_source, trust_remote_code=cfg.teacher.trust_remote_code)
+    if cfg.student.source:
+        student, student_tok = load_pretrained(cfg.student.source, trust_remote_code=cfg.teacher.trust_remote_code)
+        check_same_tokenizer(tokenizer, student_tok)
+    else:
+        student = build_student(teacher, cfg.student, seed=cfg.train.seed)
+    blocks = load_blocks(cfg.data, tokenizer)
+    n_vocab = len(tokenizer)
+
+    teacher_fn = None
+    if cfg.loss.kd_weight > 0:
+        teacher_fn = online_teacher(teacher.to(device), n_vocab, device, cfg.train.precision)
+    final = train(student, blocks.train, blocks.val, n_vocab=n_vocab, loss_cfg=cfg.loss, cfg=cfg.train,
+                  teacher=teacher_fn, report=report, checkpoint_dir=out / "checkpoints",
+                  resume_from=resume_from, hooks=hooks, progress=progress)
+    metrics = dict(final)
+    if hooks.rank != 0:
+        return metrics
+
+    student = getattr(student, "module", student)
+    student.save_pretrained(out / "student")  # safetensors
+    tokenizer.save_pretrained(out / "student")
+    if evaluate:
+        metrics.update(evaluate_model(student, tokenizer, cfg))
+        ref = teacher_metrics(teacher.to(device), tokenizer, teacher_source, cfg, blocks.val)
+        metrics.update({f"teacher_{k}": v for k, v in ref.items()})
+        if "acc_mean" in metrics and ref.get("acc_mean"):
+            metrics["retention"] = metrics["acc_mean"] / ref["acc_mean"]
+    metrics = {k: float(v) for k, v in metrics.items()}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    if report is not None:
+        report(metrics, None)
+    return metrics
+
+

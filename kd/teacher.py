@@ -1,0 +1,114 @@
+"""The teacher: loaded from a hub id or path, or trained by the project and cached.
+
+Training the teacher is the first step of the method when no pretrained one fits (the
+embedded world, or a user's own corpus). The result is cached under
+``cache_dir()/teachers/<fingerprint>`` where the fingerprint covers the teacher's config,
+the data it learns from and the tokenizer, so every trial of every sweep shares it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedTokenizerBase
+
+from kd.config import KDConfig, LossConfig, TrainConfig, fingerprint
+from kd.data import Blocks, blocks_fingerprint, load_blocks
+from kd.paths import cache_dir
+from kd.train import train
+
+#: BPE vocabulary for a tokenizer trained on a user's corpus (WikiText-2 scale text).
+TEXT_VOCAB_SIZE = 8192
+
+
+def data_tokenizer(cfg: KDConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer a project-trained teacher uses: the world's, or one trained on the data."""
+    if cfg.data.source == "world":
+        from kd.world import ensure_world
+
+        return AutoTokenizer.from_pretrained(str(ensure_world(cfg.data.world_size, cfg.data.world_seed) / "tokenizer"))
+    # A user's own corpus: train the same byte-level BPE the world uses on its training
+    # split, cached by the data settings (the texts behind them do not change).
+    path = cache_dir() / "tokenizers" / fingerprint({"data": asdict(cfg.data), "vocab": TEXT_VOCAB_SIZE})
+    if not (path / "tokenizer.json").exists():
+        from kd.data import load_texts
+        from kd.world import train_tokenizer
+
+        tok = train_tokenizer(load_texts(cfg.data)["train"], vocab_size=TEXT_VOCAB_SIZE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+        tok.save_pretrained(tmp)
+        _publish(tmp, path)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Rename a finished temp dir into place; if another process won the race, keep theirs."""
+    try:
+        os.replace(tmp, path)  # atomic: concurrent trials see the whole thing or nothing
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _model_config(cfg: KDConfig, tokenizer: PreTrainedTokenizerBase):
+    t = cfg.teacher
+    # Pad the LM head to a multiple of 64, as released checkpoints do for speed: the
+    # training loop must then cut logits to the tokenizer's length (kd.models.logits_for).
+    vocab = -(-len(tokenizer) // 64) * 64
+    common = dict(vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    if t.arch == "gpt2":
+        # No dropout: the teacher memorises a small fact base, where dropout only slows it.
+        return GPT2Config(n_layer=t.n_layer, n_embd=t.n_embd, n_head=t.n_head, n_positions=max(256, cfg.data.block_size),
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    return LlamaConfig(num_hidden_layers=t.n_layer, hidden_size=t.n_embd, num_attention_heads=t.n_head,
+                       num_key_value_heads=t.n_head, intermediate_size=4 * t.n_embd,
+                       max_position_embeddings=max(256, cfg.data.block_size), **common)
+
+
+def teacher_fingerprint(cfg: KDConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    """What a trained teacher depends on: its shape and schedule, the data and the tokenizer."""
+    t = asdict(cfg.teacher)
+    t.pop("trust_remote_code")
+    return fingerprint({"teacher": t, "blocks": blocks_fingerprint(cfg.data, tokenizer),
+                        "precision": cfg.train.precision, "device": cfg.train.device})
+
+
+def teacher_train_config(cfg: KDConfig) -> TrainConfig:
+    t = cfg.teacher
+    return replace(cfg.train, steps=t.steps, batch_size=t.batch_size, lr=t.lr, seed=0,
+                   warmup_steps=max(1, t.steps // 20), eval_every=max(1, t.steps // 4))
+
+
+def ensure_teacher(cfg: KDConfig, *, progress: bool = False, blocks: Blocks | None = None) -> str:
+    """A hub id or directory to load the teacher from, training and caching it if needed."""
+    if cfg.teacher.source != "train":
+        return cfg.teacher.source
+    tokenizer = data_tokenizer(cfg)
+    path = cache_dir() / "teachers" / teacher_fingerprint(cfg, tokenizer)
+    if (path / "model.safetensors").exists():
+        return str(path)
+    from transformers import AutoModelForCausalLM
+
+    blocks = blocks or load_blocks(cfg.data, tokenizer)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_model_config(cfg, tokenizer))
+    if progress:
+        print(f"training the teacher ({cfg.teacher.arch} {cfg.teacher.n_layer}x{cfg.teacher.n_embd}, "
+              f"{cfg.teacher.steps} steps) -> {path}", flush=True)
+    history: list[dict] = []
+    train(model, blocks.train, blocks.val, n_vocab=len(tokenizer), loss_cfg=LossConfig(kd_weight=0.0),
+          cfg=teacher_train_config(cfg), report=lambda m, _c: history.append(m), progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)  # safetensors
+    tokenizer.save_pretrained(tmp)
+    (tmp / "teacher.json").write_text(json.dumps({"config": asdict(cfg.teacher), "history": history}, indent=1))
+    _publish(tmp, path)
+    return str(path)

@@ -1,0 +1,337 @@
+"""The distillation loop: a plain function, no Ray and no MLflow inside.
+
+``train`` takes a student, packed token blocks, an optional teacher (a callable that
+returns dense logits or top-k targets for a batch) and a ``report`` callback. Ray wraps
+it (``kd.sweep``) through :class:`Hooks`; the CLI calls it directly. It evaluates and
+checkpoints every ``train.eval_every`` steps and can resume from a checkpoint exactly
+where it stopped (same batches, same learning rate, same optimizer state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch.utils.data import DataLoader, TensorDataset
+
+from kd.config import LossConfig, TrainConfig
+from kd.losses import distillation_loss
+from kd.models import logits_for
+
+Report = Callable[[dict[str, float], "str | None"], None]
+TeacherFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+@dataclass
+class Hooks:
+    """Seams for a distributed runner (Ray Train) without importing it here.
+
+    ``wrap_model`` is e.g. ``ray.train.torch.prepare_model`` (moves to the device, wraps in
+    DDP); ``wrap_loader`` is ``prepare_data_loader`` (adds a DistributedSampler).
+    """
+
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = _identity
+    wrap_loader: Callable[[DataLoader], DataLoader] = _identity
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | None = None
+
+
+@dataclass
+class State:
+    """What a checkpoint restores besides the weights."""
+
+    step: int = 0
+    tokens: int = 0
+    train_time_s: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device='cuda' is not allowed here: no CUDA device is visible")
+    return torch.device(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_bf16_is_fast() -> bool:
+    """Whether bf16 matmuls beat fp32 on this CPU (a 20 ms probe, once per process).
+
+    CPUs with AMX/AVX512-BF16 run bf16 about 2x faster than fp32; CPUs without them
+    emulate it and run it 10-100x slower (measured on an AVX2 EPYC). So ``auto`` asks.
+    """
+    a = torch.randn(256, 256)
+    timings = {}
+    for dt in (torch.float32, torch.bfloat16):
+        x = a.to(dt)
+        x @ x
+        t = time.perf_counter()
+        for _ in range(3):
+            x @ x
+        timings[dt] = time.perf_counter() - t
+    return timings[torch.bfloat16] < 0.8 * timings[torch.float32]
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast where asked or (``auto``) where the hardware is fast at it."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and (
+        (device.type == "cuda" and torch.cuda.is_bf16_supported())
+        or (device.type == "cpu" and _cpu_bf16_is_fast())))
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def make_batch(blocks: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Blocks (B, L) -> inputs (B, L-1), next-token labels (B, L-1) and the block indices."""
+    return {"input_ids": blocks[:, :-1], "labels": blocks[:, 1:], "index": index}
+
+
+def _loader(blocks: torch.Tensor, cfg: TrainConfig, hooks: Hooks) -> DataLoader:
+    ds = TensorDataset(blocks, torch.arange(len(blocks)))
+    # Shuffling is driven by a per-epoch seed (see _batches), not by the loader, so a
+    # resumed run replays the same order.
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, drop_last=True)
+    return hooks.wrap_loader(loader)
+
+
+def _batches(blocks: torch.Tensor, cfg: TrainConfig, hooks: Hooks, start_step: int) -> Iterator[dict]:
+    """Endless seeded epochs, skipping the ``start_step`` batches a resumed run already saw."""
+    per_rank = len(blocks) // hooks.world_size
+    per_epoch = max(1, per_rank // cfg.batch_size)
+    if per_rank < cfg.batch_size:
+        raise ValueError(f"train.batch_size={cfg.batch_size} is not allowed: only {per_rank} training "
+                         "blocks per worker; lower it or add data")
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        order = torch.randperm(len(blocks), generator=g)
+        loader = _loader(blocks[order], cfg, hooks)
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        for i, (x, idx) in enumerate(loader):
+            if i < skip:
+                continue
+            yield make_batch(x, order[idx.cpu()])  # positions in this epoch -> block ids
+        skip = 0
+        epoch += 1
+
+
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # Weight decay on matrices only; biases and norm gains are not decayed (GPT-2 recipe).
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+# ------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, blocks: torch.Tensor, n_vocab: int, *, device: torch.device,
+                    precision: str = "auto", batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy (nats/token) over ``blocks``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        b = make_batch(blocks[start:start + batch_size].to(device), torch.empty(0))
+        with autocast_for(device, precision):
+            logits = logits_for(model, b["input_ids"], n_vocab)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), reduction="sum")
+        total += loss.item()
+        count += b["labels"].numel()
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def online_teacher(teacher: torch.nn.Module, n_vocab: int, device: torch.device, precision: str) -> TeacherFn:
+    """A teacher callable that runs the frozen teacher on each batch (dense logits)."""
+    # Frozen visibly: eval() turns dropout off so the soft targets are deterministic, and
+    # no_grad keeps the teacher's activations out of memory.
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    @torch.no_grad()
+    def fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with autocast_for(device, precision):
+            return {"teacher_logits": logits_for(teacher, batch["input_ids"], n_vocab)}
+
+    return fn
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    sched: torch.optim.lr_scheduler.LRScheduler, state: State) -> Path:
+    """Weights as safetensors; optimizer/scheduler tensors via torch.save (loaded weights_only)."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(_unwrap(model), str(tmp / "model.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
+    (tmp / "state.json").write_text(json.dumps(state.__dict__))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    sched: torch.optim.lr_scheduler.LRScheduler, device: torch.device) -> State:
+    load_model(_unwrap(model), str(Path(path) / "model.safetensors"), device=str(device))
+    optim = torch.load(Path(path) / "optim.pt", map_location=device, weights_only=True)
+    opt.load_state_dict(optim["optimizer"])
+    sched.load_state_dict(optim["scheduler"])
+    return State(**json.loads((Path(path) / "state.json").read_text()))
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)  # DDP keeps the model in .module
+
+
+# ------------------------------------------------------------------------------- loop
+
+
+def train(
+    model: torch.nn.Module,
+    train_blocks: torch.Tensor,
+    val_blocks: torch.Tensor,
+    *,
+    n_vocab: int,
+    loss_cfg: LossConfig,
+    cfg: TrainConfig,
+    teacher: TeacherFn | None = None,
+    report: Report | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume_from: str | os.PathLike | None = None,
+    hooks: Hooks | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Train ``model`` for ``cfg.steps`` steps; return the last evaluation's metrics.
+
+    Args:
+        model: the student (or, with ``kd_weight=0`` and no teacher, a teacher being trained).
+        train_blocks: (N, L) int64 packed token blocks; val_blocks: (M, L).
+        n_vocab: the tokenizer's length; logits beyond it are cut.
+        teacher: returns ``teacher_logits`` (B, T, V) or ``topk_indices``/``topk_values``
+            (B, T, k) for a batch; required when ``loss_cfg.kd_weight > 0``.
+        report: called as ``report(metrics, checkpoint_dir_or_None)`` at every evaluation.
+        checkpoint_dir: where checkpoints go (rank 0 writes them); none when ``None``.
+        resume_from: a checkpoint directory written by this function.
+        hooks: distributed seams; see :class:`Hooks`.
+    """
+    hooks = hooks or Hooks()
+    if loss_cfg.kd_weight > 0 and teacher is None:
+        raise ValueError(f"loss.kd_weight={loss_cfg.kd_weight} needs a teacher; use 0 for cross-entropy only")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = hooks.device or pick_device(cfg.device)
+    model = hooks.wrap_model(model.to(device))
+    model.train()
+    opt = _optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    state = State()
+    if resume_from is not None:
+        state = load_checkpoint(Path(resume_from), model, opt, sched, device)
+    eval_blocks = val_blocks[: cfg.eval_blocks] if cfg.eval_blocks else val_blocks
+    batches = _batches(train_blocks, cfg, hooks, state.step)
+    bar = None
+    if progress and hooks.rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 10.0)  # quiet in logs
+
+    sums = {"train_loss": 0.0, "ce_loss": 0.0, "kd_loss": 0.0}
+    n_sum, metrics = 0, dict(state.history[-1]) if state.history else {}
+    while state.step < cfg.steps:
+        t0 = time.perf_counter()
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        targets = teacher(batch) if (teacher is not None and loss_cfg.kd_weight > 0) else {}
+        with autocast_for(device, cfg.precision):
+            logits = logits_for(model, batch["input_ids"], n_vocab)
+        parts = distillation_loss(
+            logits, batch["labels"], **targets, temperature=loss_cfg.temperature, kd_weight=loss_cfg.kd_weight,
+            divergence=loss_cfg.divergence, jsd_beta=loss_cfg.jsd_beta, skew_alpha=loss_cfg.skew_alpha,
+        )
+        if not torch.isfinite(parts.loss):
+            raise FloatingPointError(f"loss is {parts.loss.item()} at step {state.step}; lower train.lr "
+                                     f"(now {cfg.lr}) or check the data")
+        opt.zero_grad(set_to_none=True)
+        parts.loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        state.step += 1
+        state.tokens += batch["labels"].numel() * hooks.world_size
+        state.train_time_s += time.perf_counter() - t0
+        sums["train_loss"] += parts.loss.item()
+        sums["ce_loss"] += parts.ce.item()
+        sums["kd_loss"] += float(parts.kd.detach())
+        n_sum += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts.loss.item():.3f}")
+        if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
+            val = validation_loss(model, eval_blocks, n_vocab, device=device, precision=cfg.precision)
+            metrics = {
+                "step": state.step,
+                "val_loss": val,
+                "val_ppl": math.exp(min(val, 50.0)),
+                **{k: v / n_sum for k, v in sums.items()},
+                "tokens_per_s": state.tokens / max(state.train_time_s, 1e-9),
+                "train_time_s": state.train_time_s,
+                "lr": sched.get_last_lr()[0],
+            }
+            state.history.append(metrics)
+            sums, n_sum = dict.fromkeys(sums, 0.0), 0
+            ckpt = None
+            if checkpoint_dir is not None and hooks.rank == 0:
+                ckpt = str(save_checkpoint(Path(checkpoint_dir) / "checkpoint", model, opt, sched, state))
+            if report is not None:
+                report(metrics, ckpt)
+    if bar is not None:
+        bar.close()
+    return metrics
