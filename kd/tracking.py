@@ -1,0 +1,179 @@
+"""MLflow: one parent run per sweep, one child run per trial (docs/CONTRACTS.md).
+
+The only module in ``kd`` that imports MLflow. It is called from the sweep driver only
+(:mod:`kd.sweep` feeds it Tune's results), so a sweep has a single MLflow writer: a
+sqlite store never sees two processes writing at once, and trial processes do not pay
+for importing MLflow. Run identity is ours, not Ray's: a child run is found again by its
+``kd.trial_id`` tag under its parent, so a resumed trial keeps its run (Ray's
+``MLflowLoggerCallback`` opens a second run on restore and leaves the first RUNNING).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from kd.metrics import METRICS  # noqa: E402
+
+PARENT_TAG = "mlflow.parentRunId"
+RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
+
+
+def tracking_uri(output_dir: str | os.PathLike) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else a sqlite store in the sweep's output dir."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    path = Path(output_dir).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def is_metric(name: str) -> bool:
+    """Whether a result key is one of the project's metrics (``teacher_`` prefix allowed)."""
+    return name in METRICS or (name.startswith("teacher_") and name.removeprefix("teacher_") in METRICS)
+
+
+def _finite_numbers(values: dict[str, Any], keys: Iterable[str]) -> dict[str, float]:
+    out = {}
+    for k in keys:
+        v = values.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+    return out
+
+
+def _param_str(value: Any) -> str:
+    return str(value)[:6000]  # MLflow's limit on a param value
+
+
+class Tracker:
+    """Writes a sweep's parent and child runs to one MLflow store.
+
+    Args:
+        uri: tracking URI (see :func:`tracking_uri`).
+        experiment: experiment name (the sweep's name unless given).
+    """
+
+    def __init__(self, uri: str, experiment: str):
+        self.uri = uri
+        self.experiment = experiment
+        self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self._children: dict[str, str] = {}
+
+    # ----------------------------------------------------------------- parent
+
+    def start_sweep(self, sweep: str, params: dict[str, Any], run_id: str | None = None) -> str:
+        """Create the sweep's parent run, or reopen ``run_id`` (a resumed sweep)."""
+        if run_id is not None:
+            self.client.update_run(run_id, status=RUNNING)
+            return run_id
+        run = self.client.create_run(
+            self.experiment_id, run_name=sweep, tags={"kd.role": "sweep", "kd.sweep": sweep}
+        )
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_teacher(self, parent_id: str, metrics: dict[str, Any]) -> None:
+        """The teacher's reference metrics on the parent run, prefixed ``teacher_``."""
+        keys = [k for k in metrics if k.startswith("teacher_") and is_metric(k)]
+        self.log_metrics(parent_id, _finite_numbers(metrics, keys))
+
+    def end_sweep(self, parent_id: str, status: str = FINISHED) -> None:
+        """Close the parent; children still RUNNING are closed as ``KILLED``."""
+        for run in self.children(parent_id):
+            if run.info.status == RUNNING:
+                self.client.set_terminated(run.info.run_id, status=KILLED)
+        self.client.set_terminated(parent_id, status=status)
+
+    # ---------------------------------------------------------------- children
+
+    def children(self, parent_id: str) -> list:
+        """All child runs of a sweep (any status)."""
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=50000
+        )
+
+    def find_child(self, parent_id: str, trial_id: str) -> str | None:
+        """The run id of a trial's child run, if it was created before (e.g. before a restore)."""
+        if trial_id in self._children:
+            return self._children[trial_id]
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`kd.trial_id` = '{trial_id}'",
+            max_results=1,
+        )
+        if runs:
+            self._children[trial_id] = runs[0].info.run_id
+            return runs[0].info.run_id
+        return None
+
+    def child_run(self, parent_id: str, trial_id: str, params: dict[str, Any], sweep: str = "") -> str:
+        """Get or create the child run of a trial and mark it RUNNING (idempotent)."""
+        run_id = self.find_child(parent_id, trial_id)
+        if run_id is None:
+            tags = {PARENT_TAG: parent_id, "kd.role": "trial", "kd.trial_id": trial_id}
+            if sweep:
+                tags["kd.sweep"] = sweep
+            run = self.client.create_run(self.experiment_id, run_name=trial_id, tags=tags)
+            run_id = run.info.run_id
+            self._children[trial_id] = run_id
+            self.log_params(run_id, params)
+        else:
+            self.client.update_run(run_id, status=RUNNING)
+        return run_id
+
+    def end_child(self, run_id: str, status: str, error: str | None = None, **tags: str) -> None:
+        """Close a child run; a failed one carries its reason in tag ``kd.error``."""
+        batch = [RunTag(f"kd.{k}", str(v)) for k, v in tags.items()]
+        if error:
+            batch.append(RunTag("kd.error", error[:5000]))
+        if batch:
+            self.client.log_batch(run_id, tags=batch)
+        self.client.set_terminated(run_id, status=status)
+
+    # -------------------------------------------------------------- values
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Log params (values as strings, as MLflow stores them); same values may be re-logged."""
+        items = [Param(k, _param_str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log numeric metrics at ``step``; non-finite values are skipped (MLflow's UI hides them)."""
+        ts = int(time.time() * 1000)
+        batch = [
+            Metric(k, v, ts, int(step or 0))
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and math.isfinite(v)
+        ]
+        for i in range(0, len(batch), 500):
+            self.client.log_batch(run_id, metrics=batch[i : i + 500])
+
+    def log_result(self, run_id: str, result: dict[str, Any]) -> None:
+        """Log the project's metrics found in one Tune result, at its ``step``."""
+        keys = [k for k in result if is_metric(k) and not k.startswith("teacher_")]
+        step = result.get("step")
+        self.log_metrics(run_id, _finite_numbers(result, keys), step=int(step) if step is not None else None)
+
+    def log_student(self, run_id: str, student_dir: str | os.PathLike) -> None:
+        """The student's ``save_pretrained`` directory as artifact ``student/``."""
+        self.client.log_artifacts(run_id, str(student_dir), artifact_path="student")
+
+
+def runs_frame(uri: str, experiment: str):
+    """Every run of an experiment as MLflow's DataFrame (for tests and quick checks)."""
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=[experiment], max_results=50000)
