@@ -64,6 +64,26 @@ def teacher_metrics(teacher: torch.nn.Module, tokenizer: Any, teacher_source: st
     return metrics
 
 
+def preflight(cfg: KDConfig) -> None:
+    """Checks that need files but write nothing to the output: run before any training.
+
+    A pretrained student must share the teacher's tokenizer; for a teacher the project
+    trains, that is the data's tokenizer.
+    """
+    if not cfg.student.source:
+        return
+    from transformers import AutoTokenizer
+
+    if cfg.teacher.source == "train":
+        from kd.teacher import data_tokenizer
+
+        teacher_tok = data_tokenizer(cfg)
+    else:
+        teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher.source, trust_remote_code=cfg.teacher.trust_remote_code)
+    student_tok = AutoTokenizer.from_pretrained(cfg.student.source, trust_remote_code=cfg.teacher.trust_remote_code)
+    check_same_tokenizer(teacher_tok, student_tok)
+
+
 def distill(
     cfg: KDConfig,
     *,
@@ -79,6 +99,7 @@ def distill(
     ``report`` gets every evaluation and, last, the final metrics with no checkpoint.
     """
     hooks = hooks or Hooks()
+    preflight(cfg)
     out = Path(cfg.output_dir)
     device = hooks.device or pick_device(cfg.train.device)
     if cfg.train.threads:

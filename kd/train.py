@@ -115,7 +115,10 @@ def _loader(blocks: torch.Tensor, cfg: TrainConfig, hooks: Hooks) -> DataLoader:
     ds = TensorDataset(blocks, torch.arange(len(blocks)))
     # Shuffling is driven by a per-epoch seed (see _batches), not by the loader, so a
     # resumed run replays the same order.
-    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, drop_last=True)
+    # Its own generator: a DataLoader otherwise draws a seed from the global RNG at every
+    # epoch, which shifts the dropout masks of a resumed run.
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, drop_last=True,
+                        generator=torch.Generator().manual_seed(cfg.seed))
     return hooks.wrap_loader(loader)
 
 
@@ -209,7 +212,11 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(_unwrap(model), str(tmp / "model.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
+    # The RNG state too: dropout draws from it, and an exact resume must replay them.
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps(state.__dict__))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
@@ -222,6 +229,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     optim = torch.load(Path(path) / "optim.pt", map_location=device, weights_only=True)
     opt.load_state_dict(optim["optimizer"])
     sched.load_state_dict(optim["scheduler"])
+    torch.set_rng_state(optim["rng"]["cpu"].cpu())
+    if "cuda" in optim["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(optim["rng"]["cuda"].cpu())
     return State(**json.loads((Path(path) / "state.json").read_text()))
 
 
