@@ -1,0 +1,181 @@
+"""Thin matplotlib functions that draw frames computed elsewhere, and ``save_plots``.
+
+Figures are built with ``matplotlib.figure.Figure`` (Agg), never pyplot, so nothing
+opens a window, nothing leaks between calls, and a notebook can display the result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis.load import finished, learning_curves, load_runs, load_sweep
+from analysis.pareto import objective_directions, pareto_mask
+from analysis.sensitivity import sensitivity, size_grid
+from kd.metrics import METRICS
+
+FRONT_COLOR, DOMINATED_COLOR, TEACHER_COLOR = "#1f77b4", "#9e9e9e", "#d62728"
+
+
+def _label(name: str) -> str:
+    unit = METRICS[name.removeprefix("teacher_")].unit if name.removeprefix(
+        "teacher_") in METRICS else ""
+    return f"{name} ({unit})" if unit and unit not in ("fraction", "count") else name
+
+
+def run_label(row: pd.Series) -> str:
+    """A short name for a trial: ``2x128 T=2 w=0.5 s=0`` (from the params it has)."""
+    parts = []
+    if "student.n_layer" in row and "student.n_embd" in row:
+        parts.append(f"{row['student.n_layer']}x{row['student.n_embd']}")
+    for key, short in (("loss.temperature", "T"), ("loss.kd_weight", "w"), ("train.seed", "s")):
+        if key in row and pd.notna(row[key]):
+            parts.append(f"{short}={row[key]:g}")
+    return " ".join(parts) or str(row.get("trial_id") or row["run_id"][:8])
+
+
+def front_frame(df: pd.DataFrame, x: str, y: str = "acc_mean") -> pd.DataFrame:
+    """Finished runs with finite ``x`` and ``y``, plus an ``on_front`` column for (x, y)."""
+    dirs = objective_directions([y, x])
+    runs = finished(df)
+    runs = runs[np.isfinite(runs[[x, y]].to_numpy(dtype=float)).all(axis=1)].copy()
+    runs["on_front"] = pareto_mask(runs, dirs)
+    runs.attrs = {**df.attrs, "objectives": dirs, "x": x, "y": y}
+    return runs
+
+
+def plot_front(frame: pd.DataFrame, teacher: dict[str, float] | None = None,
+               logx: bool | None = None) -> Figure:
+    """Scatter of a :func:`front_frame`: the front joined and highlighted, the rest faded,
+    the teacher (``teacher[x]``, ``teacher[y]``) as a star."""
+    x, y = frame.attrs["x"], frame.attrs["y"]
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    dom, front = frame[~frame["on_front"]], frame[frame["on_front"]].sort_values(x)
+    ax.scatter(dom[x], dom[y], color=DOMINATED_COLOR, alpha=0.35, s=28, label="dominated")
+    ax.plot(front[x], front[y], "-o", color=FRONT_COLOR, ms=7, lw=1.5, label="Pareto front")
+    for _, row in front.iterrows():
+        ax.annotate(run_label(row), (row[x], row[y]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)
+    if teacher and x in teacher and y in teacher:
+        ax.scatter([teacher[x]], [teacher[y]], marker="*", s=220, color=TEACHER_COLOR,
+                   zorder=5, label="teacher")
+    if logx if logx is not None else x in ("params", "params_non_embedding", "flops_per_token"):
+        ax.set_xscale("log")
+    ax.set_xlabel(_label(x))
+    ax.set_ylabel(_label(y))
+    ax.set_title(f"{y} vs {x}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_sensitivity(sens: pd.DataFrame, teacher: dict[str, float] | None = None) -> Figure:
+    """Mean +- std across seeds of a :func:`sensitivity` frame, one line per ``by`` group."""
+    param, metric, by = sens.attrs["param"], sens.attrs["metric"], sens.attrs["by"]
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    groups = sens.groupby(by, sort=True) if by else [((), sens)]
+    for key, g in groups:
+        name = ", ".join(f"{b}={k}" for b, k in zip(by, np.atleast_1d(key))) or metric
+        ax.errorbar(g[param], g["mean"], yerr=g["std"].fillna(0.0), marker="o", capsize=3,
+                    label=f"{name} (n_seeds max {int(g['n_seeds'].max())})")
+        ax.fill_between(g[param], g["min"], g["max"], alpha=0.12)
+    if teacher and metric in teacher:
+        ax.axhline(teacher[metric], color=TEACHER_COLOR, ls="--", lw=1, label="teacher")
+    ax.set_xlabel(param)
+    ax.set_ylabel(_label(metric))
+    held = ", ".join(f"{k}={v}" for k, v in sens.attrs.get("held", {}).items())
+    ax.set_title(f"{metric} vs {param}" + (f"\n(at {held})" if held else ""), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_heatmap(grid: pd.DataFrame) -> Figure:
+    """A :func:`size_grid` as a depth x width heatmap, each cell annotated."""
+    fig = Figure(figsize=(5.6, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    values = grid.to_numpy(dtype=float)
+    im = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", origin="lower",
+                   aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [str(r) for r in grid.index])
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w", fontsize=9)
+    ax.set_xlabel(grid.attrs.get("cols", grid.columns.name))
+    ax.set_ylabel(grid.attrs.get("rows", grid.index.name))
+    ax.set_title(f"{grid.attrs.get('metric', '')} by depth x width")
+    fig.colorbar(im, ax=ax)
+    return fig
+
+
+def plot_learning_curves(curves: pd.DataFrame, labels: dict[str, str] | None = None,
+                         metric: str = "val_loss") -> Figure:
+    """One line per run of a :func:`analysis.learning_curves` frame."""
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for run_id, g in curves.groupby("run_id", sort=False):
+        ax.plot(g["step"], g["value"], marker=".", lw=1.2,
+                label=(labels or {}).get(run_id, run_id[:8]))
+    ax.set_xlabel("step")
+    ax.set_ylabel(_label(metric))
+    ax.set_title(f"{metric} during training")
+    ax.grid(alpha=0.3)
+    if curves["run_id"].nunique() <= 16:
+        ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def _varies(df: pd.DataFrame, col: str) -> bool:
+    return col in df.columns and finished(df)[col].nunique(dropna=True) > 1
+
+
+def save_plots(tracking_uri: str, experiment: str, out_dir: str | Path,
+               parent_run_id: str | None = None, log_artifacts: bool = True
+               ) -> dict[str, Path]:
+    """Draw every plot the sweep's data supports, write PNGs, log them to the parent run.
+
+    Front plots need ``acc_mean`` with ``params`` / ``latency_ms_per_token``; the
+    temperature and kd_weight plots need two or more values of the knob; the heatmap needs
+    depth or width to vary; learning curves need a ``val_loss`` history.
+
+    Returns:
+        ``{"acc_vs_params": Path(...), ...}`` for the files written, under ``out_dir``;
+        logged under ``plots/`` of the parent run when ``log_artifacts``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sweep = load_sweep(tracking_uri, experiment, parent_run_id)
+    df = load_runs(tracking_uri, experiment, sweep=sweep)
+    figs: dict[str, Figure] = {}
+    for x, name in (("params", "acc_vs_params"), ("latency_ms_per_token", "acc_vs_latency")):
+        if {x, "acc_mean"} <= set(df.columns) and len(front_frame(df, x)):
+            figs[name] = plot_front(front_frame(df, x), sweep.teacher)
+    for param, name in (("loss.temperature", "acc_vs_temperature"),
+                        ("loss.kd_weight", "acc_vs_kd_weight")):
+        if _varies(df, param) and "acc_mean" in df.columns:
+            sens = sensitivity(df, param, "acc_mean", hold="others")
+            figs[name] = plot_sensitivity(sens, sweep.teacher)
+    if (_varies(df, "student.n_layer") or _varies(df, "student.n_embd")) \
+            and "acc_mean" in df.columns:
+        figs["size_heatmap"] = plot_heatmap(size_grid(df, "acc_mean"))
+    curves = learning_curves(tracking_uri, df["run_id"], "val_loss")
+    if len(curves):
+        labels = {r["run_id"]: run_label(r) for _, r in df.iterrows()}
+        figs["learning_curves"] = plot_learning_curves(curves, labels)
+    paths = {}
+    for name, fig in figs.items():
+        paths[name] = out / f"{name}.png"
+        fig.savefig(paths[name], dpi=110)
+    if log_artifacts and paths:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        for path in paths.values():
+            client.log_artifact(sweep.run_id, str(path), artifact_path="plots")
+    return paths

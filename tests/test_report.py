@@ -1,0 +1,158 @@
+"""kd report: the report folder's numbers are MLflow's, and the CLI wiring."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kd.metrics import direction
+from kd.report import add_parser, fmt, main, parse_objectives, resolve_store
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mlflow_fixture import build_store  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return build_store(tmp_path_factory.getbasetemp() / "mlflow_store")
+
+
+@pytest.fixture(scope="module")
+def report(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    from kd.report import write_report
+
+    path = write_report(store.tracking_uri, store.experiment, out)
+    return path
+
+
+def tables(md: str) -> dict[str, list[dict[str, str]]]:
+    """Each Markdown table of the report as rows of {header: cell}, keyed by its section."""
+    out, section, lines = {}, "", md.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("## "):
+            section = line[3:]
+        if line.startswith("| ") and (i == 0 or not lines[i - 1].startswith("|")):
+            header = [c.strip() for c in line.strip("|").split("|")]
+            rows, j = [], i + 2
+            while j < len(lines) and lines[j].startswith("|"):
+                cells = [c.strip() for c in lines[j].strip("|").split("|")]
+                rows.append(dict(zip(header, cells)))
+                j += 1
+            out[section] = rows
+    return out
+
+
+def same(cell: str, value: float) -> bool:
+    return cell == fmt(value) or float(cell) == pytest.approx(value, rel=5e-6)
+
+
+def test_report_files(report, store):
+    out = report.parent
+    assert report.name == "report.md" and (out / "report.html").is_file()
+    md = report.read_text()
+    for img in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
+        assert (out / img).stat().st_size > 10_000, img
+    assert "plots/acc_vs_params.png" in md and "plots/acc_vs_temperature.png" in md
+    page = (out / "report.html").read_text()
+    for run_id in re.findall(r"\b[0-9a-f]{32}\b", md):
+        assert run_id in page
+    logged = {Path(a.path).name for a in
+              MlflowClient(store.tracking_uri).list_artifacts(store.parent_run_id, "report")}
+    assert logged == {"report.md", "report.html"}
+
+
+def test_best_student_per_objective_is_mlflows(report, store):
+    client = MlflowClient(store.tracking_uri)
+    children = client.search_runs(
+        [store.experiment_id], f"tags.`mlflow.parentRunId` = '{store.parent_run_id}' "
+        "and attributes.status = 'FINISHED'")
+    teacher = client.get_run(store.parent_run_id).data.metrics["teacher_acc_mean"]
+    best = tables(report.read_text())["Best student per objective"]
+    assert [r["objective"] for r in best][:3] == ["acc_mean", "params", "latency_ms_per_token"]
+    for row in best:
+        name = row["objective"]
+        values = {r.info.run_id: r.data.metrics[name] for r in children}
+        pick = max if direction(name) == "max" else min
+        winner = pick(values, key=values.get)
+        assert row["run_id"] == winner, name
+        assert same(row["best"], values[winner]), name
+        metrics = client.get_run(winner).data.metrics
+        assert same(row["acc_mean"], metrics["acc_mean"])
+        assert row["params"] == str(int(metrics["params"]))
+        assert same(row["retention"], metrics["acc_mean"] / teacher)
+
+
+def test_pareto_table_and_teacher_are_mlflows(report, store):
+    client = MlflowClient(store.tracking_uri)
+    t = tables(report.read_text())
+    front = t["Pareto front (acc_mean max, params min, latency_ms_per_token min)"]
+    assert len(front) >= 3 and sum(r["knee"] == "yes" for r in front) == 1
+    for row in front:
+        data = client.get_run(row["run_id"]).data
+        assert data.tags["kd.trial_id"] == row["trial"]
+        for k in ("acc_mean", "params", "latency_ms_per_token", "size_mb"):
+            assert same(row[k], data.metrics[k]), k
+        assert row["student.n_layer"] == data.params["student.n_layer"]
+        assert float(row["loss.temperature"]) == float(data.params["loss.temperature"])
+    # no finished run outside the table dominates one inside it
+    ids = {r["run_id"] for r in front}
+    others = [r for r in client.search_runs([store.experiment_id],
+              f"tags.`mlflow.parentRunId` = '{store.parent_run_id}' and "
+              "attributes.status = 'FINISHED'") if r.info.run_id not in ids]
+    for o in others:
+        m = o.data.metrics
+        assert any(float(r["acc_mean"]) >= m["acc_mean"] and int(r["params"]) <= m["params"]
+                   and float(r["latency_ms_per_token"]) <= m["latency_ms_per_token"]
+                   for r in front), o.info.run_id
+    parent = client.get_run(store.parent_run_id).data.metrics
+    teacher = {r["metric"]: r["teacher"] for r in t["Teacher (reference)"]}
+    assert teacher.keys() == {k.removeprefix("teacher_") for k in parent}
+    for k, cell in teacher.items():
+        assert same(cell, parent[f"teacher_{k}"]), k
+    failed = t["Trials that did not finish"]
+    assert [r["run_id"] for r in failed] == [store.failed_run_id]
+
+
+def test_temperature_table(report):
+    rows = tables(report.read_text())["acc_mean vs loss.temperature"]
+    assert [r["loss.temperature"] for r in rows] == ["1", "2", "4"]
+    assert max(rows, key=lambda r: float(r["mean"]))["loss.temperature"] == "2"
+    assert {r["seeds"] for r in rows} == {"2"}
+
+
+def test_parse_objectives():
+    assert parse_objectives("acc_mean:max,params:min") == ["acc_mean", "params"]
+    assert parse_objectives("['acc_mean', 'latency_ms_per_token']") == \
+        ["acc_mean", "latency_ms_per_token"]
+    assert parse_objectives('{"acc_mean": "max", "size_mb": "min"}') == ["acc_mean", "size_mb"]
+    assert parse_objectives("[('acc_mean', 'max')]") == ["acc_mean"]
+    assert parse_objectives("acc_mean") == ["acc_mean"]
+
+
+def test_cli_report_and_errors(store, tmp_path, capsys):
+    rc = main(["report", store.experiment, "--tracking-uri", store.tracking_uri,
+               "--out", str(tmp_path / "r")])
+    assert rc == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "r" / "report.md")
+    rc = main(["report", "nope", "--tracking-uri", store.tracking_uri])
+    assert rc == 2 and "no MLflow experiment 'nope'" in capsys.readouterr().err
+
+
+def test_add_parser_and_store_resolution(store, tmp_path):
+    parser = argparse.ArgumentParser(prog="kd")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["ui", "--store", str(store.root), "--port", "5123"])
+    assert args.func.__name__ == "run_ui" and args.port == 5123
+    args = parser.parse_args(["report", "pareto"])
+    assert args.func.__name__ == "run_report" and args.tracking_uri is None
+    assert resolve_store(str(store.root)) == store.tracking_uri
+    assert resolve_store(str(store.root / "mlflow.db")) == store.tracking_uri
+    assert resolve_store("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    with pytest.raises(FileNotFoundError, match="no MLflow store there"):
+        resolve_store(str(tmp_path))
