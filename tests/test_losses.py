@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -315,3 +318,21 @@ def test_low_precision_inputs_give_fp32_results(dtype, sparse):
                             **ref_targets)
     for a, b in zip(parts, ref):
         torch.testing.assert_close(a, b)
+
+
+def test_topk_bench_runs_and_is_exact_at_full_vocabulary(tmp_path, capsys):
+    path = Path(__file__).resolve().parents[1] / "bench" / "topk_exactness.py"
+    spec = importlib.util.spec_from_file_location("topk_exactness", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "topk.json"
+    bench.main(["--tokens", "6", "--vocab", "64", "--ks", "4,V", "--temperatures", "1,4",
+                "--divergence", "all", "--json", str(out)])
+    assert "SYNTHETIC" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == len(DIVERGENCES) * 2 * 2
+    for r in rows:
+        if r["k"] == 64:
+            assert r["loss_rel_err"] < 1e-5 and r["grad_rel_l2"] < 1e-5 and r["teacher_mass_topk"] == 1.0
+        else:
+            assert r["teacher_mass_topk"] < 1.0 and r["grad_rel_l2"] > 1e-3
