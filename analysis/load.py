@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,12 @@ class Sweep:
 
 def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///"):  # MLflow would create an empty store
+        path = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise FileNotFoundError(f"no MLflow store at {tracking_uri!r} ({path} does not "
+                                    "exist); check the sweep's output directory")
 
     return MlflowClient(tracking_uri=tracking_uri)
 

@@ -116,6 +116,14 @@ def _html(blocks: list[tuple], title: str) -> str:
 # ---------------------------------------------------------------------------- report
 
 
+def _retention(row, teacher_acc: float) -> float:
+    """MLflow's ``retention`` where the run logged it, else acc_mean / teacher acc_mean."""
+    logged = row.get("retention")
+    if logged is not None and math.isfinite(logged):
+        return float(logged)
+    return float(row["acc_mean"]) / teacher_acc
+
+
 def _best_rows(df, objectives: list[str], shown: list[str], teacher_acc: float | None
                ) -> list[list[str]]:
     from analysis import finished, run_label
@@ -130,7 +138,7 @@ def _best_rows(df, objectives: list[str], shown: list[str], teacher_acc: float |
         r = runs.loc[idx]
         rows.append([name, direction(name), fmt(r[name], name), r["trial_id"], r["run_id"],
                      run_label(r)] + [fmt(r[c], c) for c in shown]
-                    + ([fmt(r["acc_mean"] / teacher_acc)] if teacher_acc else []))
+                    + ([fmt(_retention(r, teacher_acc))] if teacher_acc else []))
     return rows
 
 
@@ -179,8 +187,8 @@ def write_report(tracking_uri: str, experiment: str, out_dir: str | os.PathLike,
     teacher_acc = sweep.teacher.get("acc_mean") if "acc_mean" in shown else None
     rows = _best_rows(df, best_objs, shown, teacher_acc)
     if rows and teacher_acc:
-        b.append(("p", f"retention = the student's acc_mean / the teacher's acc_mean "
-                       f"({fmt(teacher_acc, 'acc_mean')})."))
+        b.append(("p", f"retention: the student's acc_mean / the teacher's acc_mean "
+                       f"({fmt(teacher_acc, 'acc_mean')}), as logged by the trial."))
     b.append(("table", ["objective", "direction", "best", "trial", "run_id", "student",
                         *shown, *(["retention"] if teacher_acc else [])], rows)
              if rows else ("p", "No finished trial."))
@@ -244,7 +252,8 @@ def write_report(tracking_uri: str, experiment: str, out_dir: str | os.PathLike,
 # ------------------------------------------------------------------------------ CLI
 
 
-def resolve_store(store: str | None, experiment: str | None = None) -> str:
+def resolve_store(store: str | None, experiment: str | None = None, flag: str = "--store"
+                  ) -> str:
     """A tracking URI from ``--store``: a URI as is, a ``.db`` file, or a directory holding
     ``mlflow.db``; default ``$MLFLOW_TRACKING_URI``, else the sweep's store under
     ``runs/sweeps/<experiment>/``, else the newest ``runs/sweeps/*/mlflow.db``."""
@@ -257,7 +266,7 @@ def resolve_store(store: str | None, experiment: str | None = None) -> str:
         if not found:
             raise FileNotFoundError(
                 f"no MLflow store found (looked for {SWEEPS_DIR}/{experiment or '*'}/mlflow.db "
-                "and $MLFLOW_TRACKING_URI); pass --store DIR_OR_URI / --tracking-uri URI")
+                f"and $MLFLOW_TRACKING_URI); pass {flag} with a sweep's store")
         return f"sqlite:///{found[0].resolve()}"
     if "://" in store:
         return store
@@ -265,7 +274,7 @@ def resolve_store(store: str | None, experiment: str | None = None) -> str:
     if path.is_dir():
         path = path / "mlflow.db"
     if not path.is_file():
-        raise FileNotFoundError(f"--store {store!r}: no MLflow store there (no {path}); give "
+        raise FileNotFoundError(f"{flag} {store!r}: no MLflow store there (no {path}); give "
                                 "a sweep's output directory, its mlflow.db, or a tracking URI")
     return f"sqlite:///{path.resolve()}"
 
@@ -279,7 +288,7 @@ def ui_command(uri: str, port: int, workers: int = 1) -> list[str]:
 def run_report(args: argparse.Namespace) -> int:
     """``kd report EXPERIMENT``: write the report folder and print report.md's path."""
     try:
-        uri = args.tracking_uri or resolve_store(None, args.experiment)
+        uri = resolve_store(args.tracking_uri, args.experiment, flag="--tracking-uri")
         if args.out:
             out = Path(args.out)
         elif uri.startswith("sqlite:///"):
@@ -316,8 +325,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("report", help="write a sweep's report folder (report.md, "
                               "report.html, plots) from MLflow and print its path")
     p.add_argument("experiment", metavar="EXPERIMENT", help="the sweep's experiment name")
-    p.add_argument("--tracking-uri", default=None, help="MLflow store; default "
-                   "$MLFLOW_TRACKING_URI, else runs/sweeps/EXPERIMENT/mlflow.db")
+    p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow store (a URI, "
+                   "an mlflow.db or a sweep's output dir); default $MLFLOW_TRACKING_URI, else "
+                   "runs/sweeps/EXPERIMENT/mlflow.db")
     p.add_argument("--out", default=None, help="output folder; default report/ next to the "
                    "store's mlflow.db")
     p.set_defaults(func=run_report)

@@ -118,6 +118,7 @@ def _log_child(mlflow, client, parent_id: str, trial_id: str, trial: tuple, fail
                                 "train_loss": final["val_loss"] + 1.2 * (1 - frac)},
                                step=step)
         if not fail:
+            final["retention"] = final["acc_mean"] / teacher_metrics()["teacher_acc_mean"]
             mlflow.log_metrics(final, step=STEPS[-1])
     if fail:
         client.set_terminated(run.info.run_id, status="FAILED")

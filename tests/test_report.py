@@ -85,7 +85,8 @@ def test_best_student_per_objective_is_mlflows(report, store):
         metrics = client.get_run(winner).data.metrics
         assert same(row["acc_mean"], metrics["acc_mean"])
         assert row["params"] == str(int(metrics["params"]))
-        assert same(row["retention"], metrics["acc_mean"] / teacher)
+        assert same(row["retention"], metrics["retention"])
+        assert metrics["retention"] == pytest.approx(metrics["acc_mean"] / teacher)
 
 
 def test_pareto_table_and_teacher_are_mlflows(report, store):
@@ -156,3 +157,31 @@ def test_add_parser_and_store_resolution(store, tmp_path):
     assert resolve_store("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     with pytest.raises(FileNotFoundError, match="no MLflow store there"):
         resolve_store(str(tmp_path))
+
+
+def test_report_on_a_sweep_with_no_finished_trial(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("temperature")
+    parent = client.create_run(exp, run_name="temperature",
+                               tags={"kd.role": "sweep", "kd.sweep": "temperature"})
+    child = client.create_run(exp, tags={"mlflow.parentRunId": parent.info.run_id,
+                                         "kd.role": "trial", "kd.trial_id": "a"})
+    client.log_param(child.info.run_id, "loss.temperature", "2.0")
+    client.set_tag(child.info.run_id, "kd.error", "out of memory")
+    client.set_terminated(child.info.run_id, "FAILED")
+    from kd.report import write_report
+
+    md = write_report(uri, "temperature", tmp_path / "r").read_text()
+    assert "No finished trial." in md and "out of memory" in md
+    assert "Pareto front" not in md
+    assert mlflow.get_tracking_uri() != uri  # the global tracking URI was left alone
+
+
+def test_missing_store_is_an_error_not_a_new_store(tmp_path, capsys):
+    missing = tmp_path / "typo" / "mlflow.db"
+    rc = main(["report", "pareto", "--tracking-uri", f"sqlite:///{missing}"])
+    assert rc == 2 and "no MLflow store" in capsys.readouterr().err
+    assert not missing.exists()
