@@ -150,9 +150,13 @@ def score_pairs(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[tuple[st
 
 
 def split_completion(text: str) -> tuple[str, str]:
-    """LAMBADA split: context up to the last space, target `` " " + last word``."""
+    """LAMBADA split: context up to the last space, target `` " " + last word``.
+
+    A one-word text gets an empty context (scored after BOS/EOS) and still the leading
+    space, exactly as lm-eval's ``lambada_openai`` template renders it.
+    """
     ctx, _, word = text.rpartition(" ")
-    return ctx, (" " + word if ctx else word)
+    return ctx, " " + word
 
 
 def eval_completion(model: torch.nn.Module, tokenizer: Any, items: Sequence[dict], *,

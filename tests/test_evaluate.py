@@ -146,6 +146,7 @@ def test_encode_pair_moves_trailing_space_and_handles_empty_context():
     ctx, cont = ev.encode_pair(tok, "", "Osterby")
     assert ctx == [tok.eos_token_id] and tok.decode(cont) == "Osterby"
     assert ev.split_completion("a b c") == ("a b", " c")
+    assert ev.split_completion("Osterby") == ("", " Osterby")
 
 
 class Oracle(torch.nn.Module):
@@ -260,3 +261,61 @@ def test_evaluate_world_reads_the_four_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="choice.jsonl"):
         (tmp_path / "choice.jsonl").unlink()
         ev.evaluate_world(model, tok, tmp_path)
+
+
+# ------------------------------------------------------------------- kd eval (CLI)
+
+
+def _kd_main(argv):
+    """The real ``kd`` entry point when kd.cli registers ``eval``; else the module's own."""
+    try:
+        from kd.cli import main
+
+        return main(argv)
+    except ImportError:
+        from kd.cli_eval import main
+
+        return main(argv[1:])
+
+
+def saved_model(tmp_path):
+    d = tmp_path / "model"
+    tiny_model("gpt2").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_kd_eval_world_and_lambada_end_to_end(tmp_path, capsys):
+    model_dir = saved_model(tmp_path)
+    completion, choice, qa = sample_items()
+    world = tmp_path / "world"
+    world.mkdir()
+    for name, rows in (("completion", completion), ("choice", choice), ("qa", qa), ("qa_fewshot", qa[:1])):
+        (world / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "world.json"
+    assert _kd_main(["eval", "--model", str(model_dir), "--task", "world", "--data", str(world), "--limit", "2",
+                     "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["metrics"]) == {"acc_completion", "acc_choice", "em_qa", "f1_qa", "acc_mean"}
+    assert "acc_mean" in capsys.readouterr().out
+
+    lambada = tmp_path / "lambada.jsonl"
+    lambada.write_text("".join(json.dumps(r) + "\n" for r in completion))
+    out = tmp_path / "lambada.json"
+    assert _kd_main(["eval", "--model", str(model_dir), "--task", "lambada", "--data", str(lambada),
+                     "--out", str(out)]) == 0
+    expected = ev.eval_completion(tiny_model("gpt2"), tiny_tokenizer(), completion)
+    assert json.loads(out.read_text())["metrics"] == pytest.approx(expected)
+
+
+def test_kd_eval_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    model_dir = saved_model(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": ["a"]}\n{"question": "q2"}\n')
+    assert _kd_main(["eval", "--model", str(model_dir), "--task", "nq_open", "--data", str(bad)]) == 2
+    assert "bad.jsonl:2: field 'answer'" in capsys.readouterr().err
+    assert _kd_main(["eval", "--model", str(model_dir), "--task", "world", "--data", str(tmp_path)]) == 2
+    assert "must be a world directory" in capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "lm_eval", None)  # as if the eval extra were missing
+    assert _kd_main(["eval", "--model", str(model_dir), "--harness", "lambada_openai"]) == 2
+    assert "pip install -e .[eval]" in capsys.readouterr().err

@@ -1,0 +1,183 @@
+"""``kd eval``: evaluate a saved model on the world's sets, a public benchmark file, or lm-eval tasks.
+
+    kd eval --model runs/distill/student --task world --data ~/.cache/kd/worlds/<fp>
+    kd eval --model DIR --task lambada --data lambada_test.jsonl --limit 500 --out lambada.json
+    kd eval --model DIR --harness lambada_openai,hellaswag --limit 100     # needs the eval extra
+
+Prints a table and writes every figure to a JSON file. ``kd.cli`` registers the
+subcommand through :func:`add_parser`; ``python -m kd.cli_eval ...`` runs it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kd.config import ConfigError
+
+TASKS = ("world", "lambada", "hellaswag", "storycloze", "nq_open", "webquestions", "triviaqa")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``eval`` on a ``kd`` subparsers object; it runs :func:`run`."""
+    p = subparsers.add_parser("eval", help="evaluate a model: the world's sets, a benchmark file, or lm-eval tasks",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a save_pretrained directory (or hub id) with its tokenizer")
+    p.add_argument("--task", choices=TASKS, help="world (--data is a world directory) or a public benchmark")
+    p.add_argument("--data", help="the task's file (.jsonl/.json/.csv), a hub dataset id, or a world directory")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items (of each set)")
+    p.add_argument("--out", help="JSON file to write (default: eval_<task>.json in the current directory)")
+    p.add_argument("--fewshot", help="QA examples for the few-shot prompt, in the task's format (first 5 used)")
+    p.add_argument("--batch-size", type=int, default=32, help="items per forward pass")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
+    p.add_argument("--harness", metavar="TASKS", help="comma-separated lm-eval task names to run (eval extra)")
+    p.add_argument("--include-path", metavar="DIR", help="directory of custom lm-eval task YAMLs")
+    p.set_defaults(func=run)
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not args.task and not args.harness:
+        raise ConfigError("--task and --harness are both missing: give a task (e.g. --task lambada --data FILE) "
+                          "or lm-eval tasks (--harness lambada_openai)")
+    if args.task and not args.data:
+        raise ConfigError(f"--task={args.task!r} needs --data: a world directory for 'world', else the task's file "
+                          "or a hub dataset id")
+    if args.task == "world":
+        missing = [n for n in ("completion.jsonl", "choice.jsonl", "qa.jsonl") if not (Path(args.data) / n).is_file()]
+        if missing:
+            raise ConfigError(f"--data={args.data!r} is not allowed for --task world: it must be a world directory "
+                              f"(print one with `kd world`); missing {', '.join(missing)}")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit={args.limit} is not allowed: must be >= 1")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size={args.batch_size} is not allowed: must be >= 1")
+    if args.include_path and not Path(args.include_path).is_dir():
+        raise ConfigError(f"--include-path={args.include_path!r} is not allowed: the directory does not exist")
+    if args.harness:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise ConfigError("--harness needs lm-evaluation-harness, which is not installed: "
+                              "install the eval extra with `pip install -e .[eval]`") from None
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device='cuda' is not allowed: no CUDA device is visible (use cpu or auto)")
+    return name
+
+
+def evaluate_task(model: Any, tokenizer: Any, task: str, data: str, *, limit: int | None = None,
+                  fewshot: str | None = None, batch_size: int = 32) -> dict[str, float]:
+    """Figures for one task: the world's five, or the family's (acc/loglik, acc/acc_norm, em/f1)."""
+    from kd import evaluate as ev
+    from kd.eval_loaders import TASKS as LOADERS, load_task
+
+    if task == "world":
+        return ev.evaluate_world(model, tokenizer, data, limit=limit, batch_size=batch_size)
+    try:  # a missing file or a malformed row: one line for the user, not a traceback
+        items = load_task(task, data, limit=limit)
+        shots = load_task(task, fewshot, limit=5) if fewshot else []
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    family = LOADERS[task][0]
+    if family == "completion":
+        return ev.eval_completion(model, tokenizer, items, batch_size=batch_size)
+    if family == "choice":
+        return ev.eval_choice(model, tokenizer, items, batch_size=batch_size)
+    return ev.eval_qa(model, tokenizer, items, fewshot=shots, batch_size=batch_size)
+
+
+def run_harness(model: Any, tokenizer: Any, tasks: str, *, limit: int | None = None,
+                include_path: str | None = None, batch_size: int = 32, device: str = "cpu") -> dict[str, Any]:
+    """lm-eval's ``simple_evaluate`` on the in-memory model; returns its ``results`` section."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    # logits_cache=False: lm-eval 0.4.13's cache mis-scores a request whose whole token
+    # sequence equals another's in the batch but is split elsewhere (tests/test_lm_eval_parity.py)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, logits_cache=False)
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    manager = None
+    if include_path:  # indexing lm-eval's ~15k built-in tasks takes 20-45 s: skip it when all are custom
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if any(t not in manager.all_tasks for t in names):
+            manager = None
+    manager = manager or TaskManager(include_path=include_path)
+    unknown = [t for t in names if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"--harness task(s) {', '.join(unknown)} not known to lm-eval"
+                          + (f" or in --include-path={include_path!r}" if include_path else
+                             " (custom task YAMLs go in a directory given with --include-path)"))
+    out = simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager, bootstrap_iters=0)
+    return {task: {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for task, res in out["results"].items()}
+
+
+def _table(rows: list[tuple[str, str, Any]]) -> str:
+    width = [max(len(str(r[i])) for r in rows) for i in range(2)]
+    lines = []
+    for a, b, v in rows:
+        val = f"{v:.4f}" if isinstance(v, float) else str(v)
+        lines.append(f"{a:<{width[0]}}  {b:<{width[1]}}  {val}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``kd eval``: check arguments, load the model, evaluate, print a table, write JSON."""
+    _check_args(args)
+    device = _device(args.device)
+    from kd.models import load_pretrained
+
+    t0 = time.perf_counter()
+    try:
+        model, tokenizer = load_pretrained(args.model)
+    except OSError as e:
+        raise ConfigError(f"--model={args.model!r} could not be loaded: {e}") from None
+    model.to(device).eval()
+    report: dict[str, Any] = {"model": args.model, "task": args.task, "data": args.data, "limit": args.limit}
+    rows: list[tuple[str, str, Any]] = [("task", "metric", "value")]
+    if args.task:
+        metrics = evaluate_task(model, tokenizer, args.task, args.data, limit=args.limit, fewshot=args.fewshot,
+                                batch_size=args.batch_size)
+        report["metrics"] = metrics
+        rows += [(args.task, k, v) for k, v in metrics.items()]
+    if args.harness:
+        harness = run_harness(model, tokenizer, args.harness, limit=args.limit, include_path=args.include_path,
+                              batch_size=args.batch_size, device=device)
+        report["harness"] = harness
+        rows += [(f"lm-eval:{t}", k, v) for t, res in harness.items() for k, v in res.items()]
+    report["wall_s"] = round(time.perf_counter() - t0, 2)
+    out = Path(args.out or f"eval_{args.task or 'harness'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(_table(rows))
+    print(f"written: {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m kd.cli_eval ...``: the same subcommand without the rest of ``kd``."""
+    parser = argparse.ArgumentParser(prog="kd")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return run(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"kd eval: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
