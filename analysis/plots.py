@@ -104,12 +104,16 @@ def plot_heatmap(grid: pd.DataFrame) -> Figure:
                    aspect="auto")
     ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
     ax.set_yticks(range(grid.shape[0]), [str(r) for r in grid.index])
+    lo, hi = np.nanmin(values), np.nanmax(values)
     for (i, j), v in np.ndenumerate(values):
-        if np.isfinite(v):
-            ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w", fontsize=9)
+        if np.isfinite(v):  # dark text on the bright end of viridis, light on the dark end
+            bright = hi > lo and (v - lo) / (hi - lo) > 0.6
+            ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=9,
+                    color="k" if bright else "w")
     ax.set_xlabel(grid.attrs.get("cols", grid.columns.name))
     ax.set_ylabel(grid.attrs.get("rows", grid.index.name))
-    ax.set_title(f"{grid.attrs.get('metric', '')} by depth x width")
+    ax.set_title(f"{grid.attrs.get('agg', '')} {grid.attrs.get('metric', '')} "
+                 "by depth x width".strip())
     fig.colorbar(im, ax=ax)
     return fig
 
@@ -117,7 +121,7 @@ def plot_heatmap(grid: pd.DataFrame) -> Figure:
 def plot_learning_curves(curves: pd.DataFrame, labels: dict[str, str] | None = None,
                          metric: str = "val_loss") -> Figure:
     """One line per run of a :func:`analysis.learning_curves` frame."""
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    fig = Figure(figsize=(8.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
     for run_id, g in curves.groupby("run_id", sort=False):
         ax.plot(g["step"], g["value"], marker=".", lw=1.2,
@@ -126,8 +130,8 @@ def plot_learning_curves(curves: pd.DataFrame, labels: dict[str, str] | None = N
     ax.set_ylabel(_label(metric))
     ax.set_title(f"{metric} during training")
     ax.grid(alpha=0.3)
-    if curves["run_id"].nunique() <= 16:
-        ax.legend(fontsize=7, ncol=2)
+    if curves["run_id"].nunique() <= 24:  # beyond that a legend hides more than it tells
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 

@@ -72,14 +72,15 @@ def best_value(sens: pd.DataFrame, direction: str = "max") -> pd.Series:
 
 
 def size_grid(df: pd.DataFrame, metric: str = "acc_mean", rows: str = "student.n_layer",
-              cols: str = "student.n_embd") -> pd.DataFrame:
-    """Mean of ``metric`` over finished runs for each depth (rows) x width (columns).
+              cols: str = "student.n_embd", agg: str = "mean") -> pd.DataFrame:
+    """``metric`` over finished runs for each depth (rows) x width (columns).
 
-    Cells with no run are NaN. Runs that differ in other knobs are pooled (mean).
+    Cells with no run are NaN. Runs of one shape that differ in other knobs or seeds are
+    pooled with ``agg`` (``"mean"``; ``"max"`` gives the best found at each size).
     """
     runs = finished(df)
     runs = runs[np.isfinite(runs[metric].to_numpy(dtype=float))]
-    grid = runs.pivot_table(index=rows, columns=cols, values=metric, aggfunc="mean")
+    grid = runs.pivot_table(index=rows, columns=cols, values=metric, aggfunc=agg)
     grid = grid.sort_index().sort_index(axis=1)
-    grid.attrs = {"metric": metric, "rows": rows, "cols": cols}
+    grid.attrs = {"metric": metric, "rows": rows, "cols": cols, "agg": agg}
     return grid
