@@ -82,6 +82,7 @@ def server(store, tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"no /health after 240 s:\n{log_path.read_text()[-3000:]}")
             time.sleep(1)
+        assert f"http://127.0.0.1:{port}" in log_path.read_text()  # kd ui prints its URL
         yield url
     finally:
         try:
