@@ -94,9 +94,9 @@ def _md(blocks: list[tuple]) -> str:
 def _html(blocks: list[tuple], title: str) -> str:
     e = html.escape
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
-           "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
-           "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;"
-           "text-align:right}code{font-size:90%}</style></head><body>"]
+           "<style>body{font-family:sans-serif;max-width:1400px;margin:2em auto}"
+           "div.t{overflow-x:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+           "padding:2px 8px;text-align:right;white-space:nowrap}</style></head><body>"]
     for kind, *rest in blocks:
         if kind in ("h1", "h2"):
             out.append(f"<{kind}>{e(rest[0])}</{kind}>")
@@ -104,9 +104,10 @@ def _html(blocks: list[tuple], title: str) -> str:
             out.append(f"<p>{e(rest[0]).replace('`', '')}</p>")
         elif kind == "table":
             header, rows = rest
-            out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
+            out.append("<div class='t'><table><tr>"
+                       + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
                        + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
-                                 for r in rows) + "</table>")
+                                 for r in rows) + "</table></div>")
         elif kind == "img":
             out.append(f"<figure><img src='{e(rest[0])}' alt='{e(rest[1])}' width='640'>"
                        f"<figcaption>{e(rest[1])}</figcaption></figure>")
