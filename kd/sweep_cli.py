@@ -115,12 +115,11 @@ def check_objectives(objectives: list[str]) -> list[tuple[str, str]]:
 #: full:  the default world with the teacher trained twice as long; students at the
 #:        teacher's token budget (STACK.md: compare students at equal token budgets).
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": {
-        "data.world_size": "tiny", "data.block_size": 64,
-        "teacher.n_layer": 2, "teacher.n_embd": 64, "teacher.n_head": 2, "teacher.steps": 60,
-        "teacher.batch_size": 8,
+    "smoke": {  # the tests' tiny config (tests/conftest.py), so they share its teacher
+        "data.world_size": "tiny",
+        "teacher.n_layer": 2, "teacher.n_embd": 64, "teacher.n_head": 2, "teacher.steps": 150,
         "student.n_layer": 1, "student.n_embd": 32,
-        "train.steps": 12, "train.batch_size": 8, "train.eval_every": 6, "train.eval_blocks": 8,
+        "train.steps": 20, "train.batch_size": 8, "train.eval_every": 10, "train.eval_blocks": 8,
         "train.warmup_steps": 2,
     },
     "demo": {
@@ -148,28 +147,41 @@ class SweepSpec:
     points: list[dict[str, Any]] = field(default_factory=list)
     """Configurations to try first (e.g. the CE-only baseline ``loss.kd_weight=0``)."""
     description: str = ""
+    preset_space: dict[str, Space] = field(default_factory=dict)
+    """A different search space for one preset (e.g. widths that fit smoke's tiny teacher)."""
+    preset_points: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def for_preset(self, preset: str) -> tuple[Space, list[dict[str, Any]]]:
+        """The search space and first points of a preset."""
+        return self.preset_space.get(preset, self.space), self.preset_points.get(preset, self.points)
 
 
 def fixed_overrides(spec: SweepSpec, preset: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Preset settings, then the script's fixed ones, then per-preset ones, then ``--set``."""
     if preset not in PRESETS:
         raise ConfigError(f"--preset={preset!r} is not allowed: choose one of {', '.join(PRESETS)}")
+    space = spec.for_preset(preset)[0]
+    for key in extra or {}:
+        if key in space:
+            raise ConfigError(f"--set {key}=... is not allowed: {key} is what this sweep searches "
+                              f"({space[key]})")
     out = {**PRESETS[preset], **spec.fixed, **spec.preset_fixed.get(preset, {}), **(extra or {})}
-    for key in spec.space:
-        out.pop(key, None)  # searched keys are not fixed
+    for key in space:
+        out.pop(key, None)  # searched keys are not fixed (a preset may fix them for other sweeps)
     return out
 
 
 def check_sweep(spec: SweepSpec, preset: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validate everything a sweep needs before Ray starts; return its fixed overrides."""
     fixed = fixed_overrides(spec, preset, extra)
+    space, points = spec.for_preset(preset)
     validate(apply_overrides(KDConfig(), fixed))
-    check_space(spec.space, fixed)
+    check_space(space, fixed)
     check_objectives(spec.objectives)
-    for point in spec.points:
-        unknown = set(point) - set(spec.space)
+    for point in points:
+        unknown = set(point) - set(space)
         if unknown:
-            raise ConfigError(f"points: {sorted(unknown)} are not in the search space {sorted(spec.space)}")
+            raise ConfigError(f"points: {sorted(unknown)} are not in the search space {sorted(space)}")
         validate(apply_overrides(KDConfig(), {**fixed, **point}))
     if spec.budget.get(preset, 0) < 1:
         raise ConfigError(f"budget[{preset!r}]={spec.budget.get(preset)!r} is not allowed: must be >= 1 trial")
@@ -232,12 +244,13 @@ def main(spec: SweepSpec, argv: list[str] | None = None) -> int:
         _fail(p.prog, f"{output_dir} already holds a sweep: pass --resume to continue it, "
                       f"or a new --output-dir")
     budget = args.trials or spec.budget[args.preset]
+    space, points = spec.for_preset(args.preset)
 
     from kd import sweep  # imports Ray: only after every check passed
 
     results = sweep.run_sweep(
-        spec.name, spec.space, spec.objectives, budget, fixed,
-        output_dir=output_dir, points=spec.points, num_workers=args.num_workers,
+        spec.name, space, spec.objectives, budget, fixed,
+        output_dir=output_dir, points=points, num_workers=args.num_workers,
         use_gpu=True if args.gpu else None, address=args.address or os.environ.get("RAY_ADDRESS"),
         resume=args.resume, early_stop=not args.no_early_stop, max_concurrent=args.max_concurrent,
         max_failures=args.max_failures, experiment=args.experiment, seed=args.seed,
