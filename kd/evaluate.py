@@ -285,7 +285,9 @@ def generate_greedy(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[st
     """Greedy continuations of ``prompts``, cut at the first newline (KV cache, left padding)."""
     limit, vocab, pad, device = max_length(model), _vocab(tokenizer), _pad_id(tokenizer), _device(model)
     stop = _stop_ids(tokenizer).to(device)
-    enc = [tokenizer.encode(p)[-(limit - max_new_tokens):] for p in prompts]
+    if max_new_tokens >= limit:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be below the model's context length {limit}")
+    enc = [tokenizer.encode(p)[-(limit - max_new_tokens):] for p in prompts]  # keep room for the answer
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
     out = [""] * len(enc)
     with eval_mode(model):

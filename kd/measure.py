@@ -182,7 +182,15 @@ def latency(model: torch.nn.Module, tokenizer: Any = None, *, prompt_len: int = 
 
 
 def measure_model(model: torch.nn.Module, tokenizer: Any = None, **latency_kwargs: Any) -> dict[str, float]:
-    """Every size and speed metric of :mod:`kd.metrics` for one model."""
+    """Every size and speed metric of :mod:`kd.metrics` for one model.
+
+    Latency uses a 32-token prompt and 32 new tokens, shrunk to fit a shorter context.
+    """
+    from kd.evaluate import max_length
+
+    ctx = max_length(model)
+    latency_kwargs.setdefault("new_tokens", min(32, ctx // 2))
+    latency_kwargs.setdefault("prompt_len", min(32, ctx - latency_kwargs["new_tokens"]))
     out: dict[str, float] = dict(count_params(model))
     out["size_mb"] = size_mb(model)
     out["flops_per_token"] = flops_per_token(model.config)

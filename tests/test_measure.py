@@ -79,4 +79,7 @@ def test_latency_and_measure_model_keys():
 def test_latency_rejects_a_prompt_longer_than_the_context():
     with pytest.raises(ValueError, match="prompt_len"):
         measure.latency(tiny_model("gpt2", n_positions=16), prompt_len=12, new_tokens=8)
+    # measure_model shrinks its defaults (32 + 32 tokens) to fit a short context instead
+    res = measure.measure_model(tiny_model("gpt2", n_positions=16), repeats=1, warmup=0)
+    assert res["latency_ms_per_token"] > 0
 
