@@ -170,11 +170,13 @@ def write_report(tracking_uri: str, experiment: str, out_dir: str | os.PathLike,
     knobs = [k for k in KNOBS if k in df.columns]
     shown = [c for c in ("acc_mean", "params", "latency_ms_per_token") if c in df.columns]
 
+    n_failed = int((df["status"] == "FAILED").sum())
     b: list[tuple] = [("h1", f"Sweep report: {experiment}")]
     b.append(("p", f"Tracking URI `{tracking_uri}`, experiment `{experiment}` "
                    f"(id {sweep.experiment_id}), parent run `{sweep.run_id}`. "
-                   f"Trials: {len(df)} ({len(runs)} finished, "
-                   f"{int((df['status'] == 'FAILED').sum())} failed). "
+                   f"Trials: {len(df)} ({len(runs)} finished, {n_failed} failed"
+                   + (f", {len(df) - len(runs) - n_failed} killed or still running"
+                      if len(df) - len(runs) - n_failed else "") + "). "
                    f"Objectives: {', '.join(f'{o} ({direction(o)})' for o in objectives) or '-'}."))
 
     b.append(("h2", "Teacher (reference)"))
