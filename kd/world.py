@@ -14,11 +14,12 @@ The evaluation sets use the schemas of real benchmarks so one evaluator serves b
   people whose QA pairs were held out of training, so their facts are only in biographies;
 - ``qa_fewshot.jsonl``: a few training pairs in the same schema, for few-shot prompts.
 
-Sizes (tokens with the world's own tokenizer, seed 0; ``world.json`` has the exact counts):
-``tiny`` 40 people, ~15k training tokens (tests; a 2x128 GPT-2 learns it in well under a
-minute), ``small`` 100 people, ``default`` 200 people, ~52k training tokens, so the default
-teacher's 760 steps of 16 x 128 tokens (1.56M tokens) are ~30 passes, the number STACK.md
-measured a 4x256 model to need before held-out QA works.
+Sizes (training tokens with the world's own tokenizer at seed 0, one eos per document;
+``world.json`` has the exact counts): ``tiny`` 40 people, 260 documents, ~11k tokens (tests);
+``small`` 100 people, ~24k; ``default`` 200 people, 996 documents, ~46.6k tokens (27k of
+them biographies), so the default teacher's 760 steps of 16 x 128 tokens (1.56M tokens) are
+~33 passes over everything: STACK.md measured a 4x256 model to need ~30 before held-out QA
+works. More people at the same budget means fewer passes, and held-out QA collapses.
 
 Pure Python (``random.Random(seed)``) and byte-identical for a seed; torch is never imported.
 """
@@ -40,7 +41,7 @@ from kd.world_render import (ATTRIBUTES, CHOICE_CONTEXTS, STORY_TEMPLATES, Perso
                              render_story)
 
 #: Bump whenever generation changes what a (size, seed) produces: it is in the fingerprint.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 #: The QA text format, the same in training documents and evaluation prompts. A prompt is
 #: the template cut before `` {answer}``; generation stops at a newline.
@@ -68,9 +69,11 @@ class WorldSize:
 
 
 SIZES: dict[str, WorldSize] = {
-    "tiny": WorldSize(people=40, train_stories=40, completion=60),
-    "small": WorldSize(people=100, train_stories=100, completion=150),
-    "default": WorldSize(people=200, train_stories=150, completion=300),
+    # Stories: ~6 instances per template at least, or a model cannot learn to copy the
+    # earlier word (40 stories for 18 templates gave tiny completion accuracy 0.03).
+    "tiny": WorldSize(people=40, train_stories=120, completion=60),
+    "small": WorldSize(people=100, train_stories=200, completion=150),
+    "default": WorldSize(people=200, train_stories=300, completion=300),
 }
 assert tuple(SIZES) == WORLD_SIZES
 
