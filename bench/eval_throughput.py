@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads for part 1")
     p.add_argument("--reps", type=int, default=2, help="timed runs per cell (best is kept)")
     p.add_argument("--latency-runs", type=int, default=5)
+    p.add_argument("--latency-only", action="store_true", help="skip part 1")
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -92,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {args.arch} {args.n_layer}x{args.n_embd} ({params / 1e6:.2f}M params), world={args.world}, "
           f"torch threads={args.threads}, batch={args.batch_size}, cpu_count={os.cpu_count()}, "
           f"torch {torch.__version__}")
-    print(f"\n| task family | items | batched items/s | one-at-a-time items/s | speed-up |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, (count, fn) in families.items():
+    if not args.latency_only:
+        print("\n| task family | items | batched items/s | one-at-a-time items/s | speed-up |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+    for name, (count, fn) in ({} if args.latency_only else families).items():
         fn(args.batch_size)  # warm-up (and the QA stop-token table)
         batched = _time(lambda: fn(args.batch_size), count, args.reps)
         single = _time(lambda: fn(1), count, args.reps)
