@@ -162,8 +162,12 @@ class MLflowTrials(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run(trial)
-        try:
-            text = trial.get_error()
+        text = None
+        try:  # the local error file is written before this callback; storage may lag behind
+            local = getattr(trial, "error_file", None)
+            if local and os.path.exists(local):
+                text = Path(local).read_text()
+            text = text or trial.get_error()
         except Exception:  # the error file may be gone on a lost node; keep the sweep going
             text = traceback.format_exc()
         self.tracker.end_child(run_id, "FAILED", error=_error_line(text))

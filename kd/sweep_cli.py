@@ -275,8 +275,8 @@ def write_report(results: Any) -> str | None:
     except ImportError:
         return None
     try:
-        return str(report.write_report(results.experiment, tracking_uri=results.tracking_uri,
-                                       out_dir=results.output_dir / "report"))
+        return str(report.write_report(results.tracking_uri, results.experiment, results.output_dir / "report",
+                                       parent_run_id=results.parent_run_id))
     except Exception as e:  # the sweep's results are safe in MLflow; say what went wrong
         print(f"report: not written ({type(e).__name__}: {e})", file=sys.stderr)
         return None

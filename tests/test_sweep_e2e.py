@@ -1,0 +1,158 @@
+"""End to end on a real local Ray: the sweep scripts, MLflow runs, resume, a killed worker, a NaN trial.
+
+Every test runs the real command (or ``run_sweep``) in a subprocess with its own Ray temp
+dir, on the tiny world with the tests' tiny teacher (tests/conftest.py), and reads the
+MLflow store afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(cache_root: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    # Ray's socket paths must stay short: a temp dir of its own, not pytest's deep tmp_path.
+    env.update(KD_CACHE_DIR=str(cache_root), KD_RAY_TEMP_DIR=tempfile.mkdtemp(prefix="kdr-", dir="/tmp"),
+               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _sweep(args: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--preset", "smoke",
+                             "--no-report", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _runs(out: Path) -> tuple[dict, list]:
+    from mlflow.tracking import MlflowClient
+
+    state = json.loads((out / "sweep.json").read_text())
+    c = MlflowClient(state["tracking_uri"])
+    exp = c.get_experiment_by_name(state["experiment"])
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    parent = [r for r in runs if r.info.run_id == state["parent_run_id"]][0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return {"client": c, "parent": parent}, children
+
+
+def _wait_for(pred, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the sweep ended (rc={proc.returncode}) before {what}:\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 420) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return out
+
+
+def test_interrupted_sweep_resumes_to_exactly_its_budget(tmp_path, cache_root):
+    """SIGINT mid-trial, then --resume: 3 trials, 3 child runs, none RUNNING, trial 1 resumed."""
+    env, out = _env(cache_root), tmp_path / "sweep"
+    args = ["--trials", "3", "--no-early-stop", "--output-dir", str(out), "--set", "train.steps=30"]
+    proc = _sweep(args, env)
+    ckpts = lambda: list((out / "ray_results" / "temperature").glob("*/checkpoint_*"))  # noqa: E731
+    _wait_for(lambda: len(ckpts()) >= 1, proc, 400, "the first checkpoint")
+    proc.send_signal(signal.SIGINT)
+    log = _finish(proc, 180)
+    assert proc.returncode == 130, log[-3000:]
+    assert "resume with" in log
+    _, children = _runs(out)
+    assert 1 <= len(children) < 3 and not any(r.info.status == "RUNNING" for r in children)
+
+    proc = _sweep(["--resume", *args], env)
+    log = _finish(proc)
+    assert proc.returncode == 0, log[-3000:]
+    meta, children = _runs(out)
+    assert len(children) == 3, [r.data.tags.get("kd.trial_id") for r in children]
+    assert sorted(r.info.status for r in children) == ["FINISHED"] * 3
+    assert meta["parent"].info.status == "FINISHED"
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["trials"]) == 3 and all(t["status"] == "FINISHED" for t in results["trials"])
+    first = [r for r in children if r.data.tags["kd.trial_id"] == results["trials"][0]["trial_id"]][0]
+    steps = [m.step for m in meta["client"].get_metric_history(first.info.run_id, "val_loss")]
+    assert steps[0] == 10 and steps[-1] == 30 and steps == sorted(steps), f"resumed, not restarted: {steps}"
+    for r in children:
+        assert "loss.temperature" in r.data.params and "acc_mean" in r.data.metrics
+        assert meta["client"].list_artifacts(r.info.run_id, "student"), "student/ artifact"
+
+
+def test_killed_train_worker_finishes_from_its_checkpoint(tmp_path, cache_root):
+    """A 2-worker TorchTrainer trial loses rank 1 after a checkpoint; FailureConfig(1) recovers it."""
+    env, out = _env(cache_root), tmp_path / "sweep"
+    proc = _sweep(["--trials", "1", "--num-workers", "2", "--max-failures", "1", "--output-dir", str(out),
+                   "--set", "train.steps=60"], env)
+    pid_files = lambda: list((out / "trials").glob("*-pids/rank1.pid"))  # noqa: E731
+
+    def registered() -> bool:  # a checkpoint Train has committed (its directory alone is not enough)
+        for snap in (out / "ray_results").glob("train-*/checkpoint_manager_snapshot.json"):
+            try:
+                return bool(json.loads(snap.read_text())["checkpoint_results"])
+            except (ValueError, KeyError):
+                return False
+        return False
+
+    _wait_for(lambda: pid_files() and registered(), proc, 400, "rank 1 and a registered Train checkpoint")
+    os.kill(int(pid_files()[0].read_text()), signal.SIGKILL)
+    log = _finish(proc)
+    assert proc.returncode == 0, log[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    (trial,) = results["trials"]
+    assert trial["status"] == "FINISHED", trial
+    assert trial["metrics"]["kd_restarts"] == 1, "the worker group restarted from a checkpoint"
+    assert trial["metrics"]["step"] == 60
+    meta, (child,) = _runs(out)
+    steps = [m.step for m in meta["client"].get_metric_history(child.info.run_id, "val_loss")]
+    assert steps[-1] == 60 and 0 not in steps
+    assert meta["client"].list_artifacts(child.info.run_id, "student")
+
+
+def test_nan_trial_is_failed_in_mlflow_and_the_sweep_goes_on(tmp_path, cache_root, tiny_overrides):
+    """lr=1e30 makes the loss NaN in the first trial; the second trial still finishes."""
+    fixed = {k: v for k, v in tiny_overrides.items() if k != "train.threads"}
+    script = textwrap.dedent(f"""
+        from kd.sweep import run_sweep
+        from kd.sweep_cli import Choice
+        r = run_sweep("nan_check", {{"train.lr": Choice([1e30, 2e-3])}}, ["acc_mean"], 2, {fixed!r},
+                      output_dir={str(tmp_path / 'sweep')!r}, points=[{{"train.lr": 1e30}}, {{"train.lr": 2e-3}}],
+                      early_stop=False)
+        print(r.summary())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(cache_root), capture_output=True,
+                          text=True, timeout=420)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    meta, children = _runs(tmp_path / "sweep")
+    by_lr = {float(r.data.params["train.lr"]): r for r in children}
+    assert set(by_lr) == {1e30, 2e-3}
+    bad, good = by_lr[1e30], by_lr[2e-3]
+    assert bad.info.status == "FAILED"
+    assert re.match(r"FloatingPointError: loss is (nan|inf)", bad.data.tags["kd.error"]), bad.data.tags["kd.error"]
+    assert good.info.status == "FINISHED" and "acc_mean" in good.data.metrics
+    assert meta["parent"].info.status == "FINISHED"
+    assert any(k.startswith("teacher_") for k in meta["parent"].data.metrics)
