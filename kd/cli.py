@@ -76,11 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip task evaluation and latency measurement")
     p.set_defaults(func=_cmd_distill)
 
-    import importlib.util
+    # Sub-commands that live beside the modules they drive.
+    from kd import cli_eval, report
 
-    for module in ("kd.cli_eval", "kd.report"):
-        if importlib.util.find_spec(module):  # TEMP while these land
-            __import__(module, fromlist=["add_parser"]).add_parser(sub)
+    cli_eval.add_parser(sub)
+    report.add_parser(sub)
     return parser
 
 

@@ -31,10 +31,7 @@ from typing import Any
 
 import torch
 
-try:
-    from kd.world import QA_TEMPLATE
-except ImportError:  # kd.world not written yet: the same constant as docs/CONTRACTS.md
-    QA_TEMPLATE = "Question: {question}\nAnswer: {answer}"
+from kd.world import QA_TEMPLATE
 
 #: The evaluation prompt: the QA template cut before `` {answer}``.
 QA_PROMPT = QA_TEMPLATE.split(" {answer}")[0]

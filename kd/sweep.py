@@ -261,10 +261,8 @@ def _prepare(fixed: dict[str, Any]) -> None:
 
     cfg = apply_overrides(KDConfig(), fixed)
     validate(cfg)
-    try:
-        from kd.teacher import ensure_teacher
-    except ImportError:
-        return
+    from kd.teacher import ensure_teacher
+
     ensure_teacher(cfg, progress=True)
 
 

@@ -269,11 +269,9 @@ def main(spec: SweepSpec, argv: list[str] | None = None) -> int:
 
 
 def write_report(results: Any) -> str | None:
-    """Write the analysis report if :mod:`kd.report` is installed; return its path."""
-    try:
-        from kd import report
-    except ImportError:
-        return None
+    """Write the analysis report into the sweep's output folder; return its path."""
+    from kd import report
+
     try:
         return str(report.write_report(results.tracking_uri, results.experiment, results.output_dir / "report",
                                        parent_run_id=results.parent_run_id))

@@ -56,6 +56,19 @@ def _param_str(value: Any) -> str:
     return str(value)[:6000]  # MLflow's limit on a param value
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a sqlite store, else the server's default.
+
+    MLflow's default for a database store is ``./mlruns`` in the *current directory*,
+    which scatters students over wherever a driver or worker happened to start; keeping
+    them next to ``mlflow.db`` makes the output folder the whole record of a sweep.
+    """
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return (db.parent / "artifacts").resolve().as_uri()
+    return None
+
+
 class Tracker:
     """Writes a sweep's parent and child runs to one MLflow store.
 
@@ -69,7 +82,9 @@ class Tracker:
         self.experiment = experiment
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            experiment, artifact_location=artifact_location(uri)
+        )
         self._children: dict[str, str] = {}
 
     # ----------------------------------------------------------------- parent
