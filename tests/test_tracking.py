@@ -7,8 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("mlflow")
-
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from kd.tracking import Tracker, is_metric, tracking_uri  # noqa: E402
