@@ -149,3 +149,19 @@ def test_sweep_cli_does_not_import_ray_or_mlflow():
             "print(sorted(m for m in ('ray', 'mlflow', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_default_output_dir_is_new_each_run_and_resume_finds_the_latest(tmp_path, monkeypatch):
+    from kd.sweep_cli import _output_dir
+
+    monkeypatch.chdir(tmp_path)
+    first = _output_dir("temperature", None, resume=False)
+    assert first.parent == tmp_path / "runs" / "sweeps" / "temperature"
+    first.mkdir(parents=True)
+    (first / "sweep.json").write_text("{}")
+    second = _output_dir("temperature", None, resume=False)
+    assert second != first and not second.exists()
+    second.mkdir()
+    (second / "sweep.json").write_text("{}")
+    assert _output_dir("temperature", None, resume=True) == max(first, second)
+    assert _output_dir("temperature", str(tmp_path / "x"), resume=True) == tmp_path / "x"
