@@ -258,19 +258,21 @@ def write_report(tracking_uri: str, experiment: str, out_dir: str | os.PathLike,
 def resolve_store(store: str | None, experiment: str | None = None, flag: str = "--store"
                   ) -> str:
     """A tracking URI from ``--store``: a URI as is, a ``.db`` file, or a directory holding
-    ``mlflow.db``; default ``$MLFLOW_TRACKING_URI``, else the sweep's store under
-    ``runs/sweeps/<experiment>/``, else the newest ``runs/sweeps/*/mlflow.db``."""
+    ``mlflow.db``; default ``$MLFLOW_TRACKING_URI``, else the newest store under
+    ``runs/sweeps/<experiment>/`` (any experiment when none is named)."""
     if store is None:
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
-        candidates = ([SWEEPS_DIR / experiment / "mlflow.db"] if experiment else []) or \
-            sorted(SWEEPS_DIR.glob("*/mlflow.db"), key=lambda p: p.stat().st_mtime)[-1:]
-        found = [c for c in candidates if c.is_file()]
+        # A sweep script's default output is runs/sweeps/<name>/<date-time>/; an explicit
+        # --output-dir runs/sweeps/<name> puts the store one level up.
+        name = experiment or "*"
+        found = sorted([*SWEEPS_DIR.glob(f"{name}/mlflow.db"), *SWEEPS_DIR.glob(f"{name}/*/mlflow.db")],
+                       key=lambda p: p.stat().st_mtime)
         if not found:
             raise FileNotFoundError(
-                f"no MLflow store found (looked for {SWEEPS_DIR}/{experiment or '*'}/mlflow.db "
+                f"no MLflow store found (looked for {SWEEPS_DIR}/{name}/[*/]mlflow.db "
                 f"and $MLFLOW_TRACKING_URI); pass {flag} with a sweep's store")
-        return f"sqlite:///{found[0].resolve()}"
+        return f"sqlite:///{found[-1].resolve()}"
     if "://" in store:
         return store
     path = Path(store).expanduser()
@@ -330,7 +332,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("experiment", metavar="EXPERIMENT", help="the sweep's experiment name")
     p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow store (a URI, "
                    "an mlflow.db or a sweep's output dir); default $MLFLOW_TRACKING_URI, else "
-                   "runs/sweeps/EXPERIMENT/mlflow.db")
+                   "the newest store under runs/sweeps/EXPERIMENT/")
     p.add_argument("--out", default=None, help="output folder; default report/ next to the "
                    "store's mlflow.db")
     p.set_defaults(func=run_report)
@@ -339,7 +341,7 @@ def add_parser(subparsers) -> None:
                               "127.0.0.1 and print its URL")
     p.add_argument("--store", default=None, metavar="DIR_OR_URI", help="a sweep's output "
                    "dir, an mlflow.db file or a tracking URI; default $MLFLOW_TRACKING_URI, "
-                   "else the newest runs/sweeps/*/mlflow.db")
+                   "else the newest store under runs/sweeps/")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--workers", type=int, default=1, help="server worker processes")
     p.set_defaults(func=run_ui)

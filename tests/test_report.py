@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -185,3 +186,19 @@ def test_missing_store_is_an_error_not_a_new_store(tmp_path, capsys):
     rc = main(["report", "pareto", "--tracking-uri", f"sqlite:///{missing}"])
     assert rc == 2 and "no MLflow store" in capsys.readouterr().err
     assert not missing.exists()
+
+
+def test_default_store_is_the_newest_sweep_of_the_experiment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(FileNotFoundError, match="no MLflow store found"):
+        resolve_store(None, "temperature")
+    old = tmp_path / "runs/sweeps/temperature/20261101-000000/mlflow.db"
+    new = tmp_path / "runs/sweeps/temperature/20261102-000000/mlflow.db"
+    other = tmp_path / "runs/sweeps/pareto/mlflow.db"
+    for i, p in enumerate((old, new, other)):
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"")
+        os.utime(p, (1_000_000 + i, 1_000_000 + i))
+    assert resolve_store(None, "temperature") == f"sqlite:///{new.resolve()}"
+    assert resolve_store(None) == f"sqlite:///{other.resolve()}"
