@@ -255,8 +255,8 @@ def write_report(tracking_uri: str, experiment: str, out_dir: str | os.PathLike,
 # ------------------------------------------------------------------------------ CLI
 
 
-def resolve_store(store: str | None, experiment: str | None = None, flag: str = "--store"
-                  ) -> str:
+def resolve_store(store: str | None, experiment: str | None = None, flag: str = "--store",
+                  sweeps_dir: str | os.PathLike = SWEEPS_DIR) -> str:
     """A tracking URI from ``--store``: a URI as is, a ``.db`` file, or a directory holding
     ``mlflow.db``; default ``$MLFLOW_TRACKING_URI``, else the newest store under
     ``runs/sweeps/<experiment>/`` (any experiment when none is named)."""
@@ -265,12 +265,12 @@ def resolve_store(store: str | None, experiment: str | None = None, flag: str = 
             return os.environ["MLFLOW_TRACKING_URI"]
         # A sweep script's default output is runs/sweeps/<name>/<date-time>/; an explicit
         # --output-dir runs/sweeps/<name> puts the store one level up.
-        name = experiment or "*"
-        found = sorted([*SWEEPS_DIR.glob(f"{name}/mlflow.db"), *SWEEPS_DIR.glob(f"{name}/*/mlflow.db")],
+        name, root = experiment or "*", Path(sweeps_dir)
+        found = sorted([*root.glob(f"{name}/mlflow.db"), *root.glob(f"{name}/*/mlflow.db")],
                        key=lambda p: p.stat().st_mtime)
         if not found:
             raise FileNotFoundError(
-                f"no MLflow store found (looked for {SWEEPS_DIR}/{name}/[*/]mlflow.db "
+                f"no MLflow store found (looked for {root}/{name}/[*/]mlflow.db "
                 f"and $MLFLOW_TRACKING_URI); pass {flag} with a sweep's store")
         return f"sqlite:///{found[-1].resolve()}"
     if "://" in store:
