@@ -236,11 +236,14 @@ def _ray_init(address: str | None, output_dir: Path) -> None:
                  runtime_env={"env_vars": env}, **({"_temp_dir": temp} if temp else {}))
 
 
-def _resources(num_workers: int, use_gpu: bool) -> tuple[dict[str, float], int, int]:
+def _resources(num_workers: int, use_gpu: bool, force_train: bool = False) -> tuple[dict[str, float], int, int]:
     """(trial resources, threads per worker, trials that fit at once) from the cluster's size."""
     total = ray.cluster_resources()
     cpus, gpus = int(total.get("CPU", 1)), int(total.get("GPU", 0))
-    if num_workers == 1:
+    if force_train and num_workers == 1 and not use_gpu:  # one Train worker with the trial's threads
+        threads = cpus if cpus <= 8 else 8
+        return {"cpu": 0, "memory": 64 << 20}, threads, max(1, cpus // threads)
+    if num_workers == 1 and not force_train:
         # The loop runs in the trial: it holds a GPU, or all CPUs of a CPU-only machine
         # (two torch processes on 2 cores run ~10x slower each: STACK.md).
         if use_gpu:
@@ -287,6 +290,7 @@ def run_sweep(
     preset: str = "",
     runner: str | None = None,
     prepare: bool = True,
+    force_train: bool = False,
 ) -> SweepResults:
     """Run (or resume) a sweep of ``budget`` trials and record every trial in MLflow.
 
@@ -303,6 +307,8 @@ def run_sweep(
         resume: continue the sweep recorded in ``output_dir/sweep.json``.
         runner: ``module:function`` called instead of ``kd.run:distill`` (benchmarks).
         prepare: build the world and the teacher before the trials start.
+        force_train: run even one-worker trials as a ``TorchTrainer`` (bench/sweep_overhead.py
+            measures what that costs against the in-trial loop).
     """
     from kd.sweep_cli import check_space
     from kd.tracking import Tracker, tracking_uri
@@ -338,13 +344,16 @@ def run_sweep(
     try:
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        resources, threads, fits = _resources(num_workers, use_gpu)
+        resources, threads, fits = _resources(num_workers, use_gpu, force_train)
         meta = {"trials_dir": str(output_dir / "trials"), "threads": threads, "num_workers": num_workers,
                 "use_gpu": use_gpu, "max_failures": max_failures, "storage_path": str(storage)}
         if runner:
             meta["runner"] = runner
+        if force_train:
+            meta["force_train"] = True
         meta["searched"] = sorted(space)
-        fn = sweep_trial.trial_in_process if num_workers == 1 else sweep_trial.trial_torch_trainer
+        in_trial = num_workers == 1 and not force_train
+        fn = sweep_trial.trial_in_process if in_trial else sweep_trial.trial_torch_trainer
         trainable = tune.with_resources(fn, resources)
         callback = MLflowTrials(uri, experiment, parent_id, name)
         if resume:
@@ -392,7 +401,7 @@ def _new_tuner(trainable, name, space, pairs, budget, fixed, meta, points, stora
         tune_config=tune.TuneConfig(
             search_alg=searcher(objectives, seed=seed, budget=budget, points=points),
             scheduler=scheduler, num_samples=budget, max_concurrent_trials=concurrency,
-            reuse_actors=meta["num_workers"] == 1,
+            reuse_actors=meta["num_workers"] == 1 and not meta.get("force_train"),
         ),
         run_config=RunConfig(
             name=name, storage_path=str(storage), callbacks=[callback],
