@@ -39,17 +39,17 @@ def _cmd_world(args: argparse.Namespace) -> int:
 
 
 def _cmd_teacher(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # before torch loads: bad input fails at once
     from kd.teacher import ensure_teacher
 
-    cfg = load_config(args.config, args.overrides)
     print(ensure_teacher(cfg, progress=True))
     return 0
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # before torch loads: bad input fails at once
     from kd.run import distill
 
-    cfg = load_config(args.config, args.overrides)
     metrics = distill(cfg, progress=True, evaluate=not args.no_eval)
     shown = ["val_loss", "teacher_val_loss", "acc_completion", "acc_choice", "em_qa", "f1_qa", "acc_mean",
              "teacher_acc_mean", "retention", "params", "latency_ms_per_token", "tokens_per_s"]
