@@ -1,0 +1,203 @@
+"""Sweep overhead: wall time of a temperature sweep against the training time of its trials.
+
+    python bench/sweep_overhead.py                          # 4 trials, demo settings, 3 ways
+    python bench/sweep_overhead.py --trials 4 --steps 60    # shorter trials
+    python bench/sweep_overhead.py --quick                  # tiny version (< 60 s, no TorchTrainer)
+
+The same trials (the temperature sweep's: ``loss.kd_weight=0.5``, student 2x128, the
+temperatures ``--temperatures`` given as Optuna's first points, so every way runs the same
+configurations; no ASHA, so every trial runs every step) run three ways, one after the
+other in this process:
+
+- ``tune-in-trial``: :func:`kd.sweep.run_sweep` with one-worker trials (the default): the
+  Tune function trainable runs :func:`kd.run.distill` itself;
+- ``tune-torchtrainer``: the same sweep with ``force_train=True``: every trial launches a
+  one-worker ``TorchTrainer`` (what a multi-worker trial pays, with one worker);
+- ``plain-loop``: no Ray, no MLflow: :func:`kd.run.distill` for each configuration in a loop.
+
+Per trial: ``train_time_s`` (the training steps alone, as :func:`kd.train.train` times
+them), the trial's time from entering the trial function to its end (``kd_trial_entered``
+to ``kd_trial_done``: teacher and data loading, training, evaluations, the world tasks,
+saving the student), the time from entering to the first report, and the start-up before
+the first training step (first report minus the training time and evaluation in it).
+
+Normalisation: on this 2-core machine a one-worker trial holds both cores, so trials run
+one at a time (concurrency c = 1) and the sum of their training times is the least wall
+time the sweep could take. With c trials at once the comparable figure is wall x c
+against that sum (each trial's own ``train_time_s`` is measured while it shares the
+machine). Target: wall / sum(train_time_s) <= 1.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODES = ("tune-in-trial", "tune-torchtrainer", "plain-loop")
+
+
+def _fixed(args) -> dict:
+    from kd.sweep_cli import PRESETS
+
+    preset = "smoke" if args.quick else "demo"
+    fixed = {**PRESETS[preset], "loss.kd_weight": 0.5, "student.n_layer": 2, "student.n_embd": 128,
+             "train.threads": args.threads}
+    if args.quick:
+        fixed.update({"student.n_layer": 1, "student.n_embd": 32})
+    if args.steps:
+        fixed.update({"train.steps": args.steps, "train.eval_every": max(1, args.steps // 3),
+                      "train.warmup_steps": max(1, args.steps // 10)})
+    return fixed
+
+
+def _reports_from_tune(output_dir: Path, name: str) -> dict[str, list[dict]]:
+    """Every result each trial reported, from Tune's per-trial ``result.json``."""
+    out: dict[str, list[dict]] = {}
+    for path in sorted((output_dir / "ray_results" / name).glob("*/result.json")):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if "kd_trial_entered" in r:
+                out.setdefault(r["trial_id"], []).append(r)
+    return out
+
+
+def _row(reports: list[dict]) -> dict[str, float]:
+    first = reports[0]
+    last = next((r for r in reports if r.get("kd_final")), reports[-1])
+    entered = first["kd_trial_entered"]
+    to_first = first["kd_first_report"] - entered
+    return {"T": last.get("loss.temperature", first.get("config", {}).get("loss.temperature", float("nan"))),
+            "entered": entered, "done": last["kd_trial_done"], "train_s": last["train_time_s"],
+            "to_first": to_first, "startup": to_first - first["train_time_s"]}
+
+
+def run_tune(mode: str, fixed: dict, temps: list[float], out: Path) -> tuple[float, list[dict]]:
+    from kd.sweep import run_sweep
+    from kd.sweep_cli import LogUniform
+
+    name = f"overhead-{mode}"
+    t0 = time.time()
+    res = run_sweep(name, {"loss.temperature": LogUniform(0.5, 20.0)}, ["acc_mean"], len(temps), fixed,
+                    output_dir=out / mode, points=[{"loss.temperature": t} for t in temps], early_stop=False,
+                    force_train=mode == "tune-torchtrainer", seed=0)
+    wall = time.time() - t0
+    bad = [t for t in res.trials if t["status"] != "FINISHED"]
+    if bad:
+        raise RuntimeError(f"{mode}: {len(bad)} trials did not finish: {[t.get('error') for t in bad]}")
+    reports = _reports_from_tune(out / mode, name)
+    temps_by_id = {t["trial_id"]: t["params"].get("loss.temperature") for t in res.trials}
+    rows = []
+    for tid, reps in reports.items():
+        row = _row(reps)
+        row["T"] = temps_by_id.get(tid, row["T"])
+        rows.append(row)
+    return wall, sorted(rows, key=lambda r: r["entered"]) + [{"t0": t0}]
+
+
+def run_plain(fixed: dict, temps: list[float], out: Path) -> tuple[float, list[dict]]:
+    from kd.config import KDConfig, apply_overrides, validate
+    from kd.run import distill
+    from kd.teacher import ensure_teacher
+
+    t0 = time.time()
+    ensure_teacher(apply_overrides(KDConfig(), fixed))  # what run_sweep's prepare step does
+    rows = []
+    for i, temp in enumerate(temps):
+        cfg = apply_overrides(KDConfig(), {**fixed, "loss.temperature": temp, "output_dir": str(out / "plain" / str(i))})
+        validate(cfg)
+        first: dict = {}
+        entered = time.time()
+
+        def report(m: dict, _ckpt, first=first) -> None:
+            if not first and _ckpt is not None:
+                first.update(m, at=time.time())
+
+        final = distill(cfg, report=report)
+        to_first = first["at"] - entered
+        rows.append({"T": temp, "entered": entered, "done": time.time(), "train_s": final["train_time_s"],
+                     "to_first": to_first, "startup": to_first - first["train_time_s"]})
+    return time.time() - t0, rows + [{"t0": t0}]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--temperatures", default="2,1,4,8", help="the trials' temperatures (comma-separated)")
+    p.add_argument("--trials", type=int, default=0, help="use the first N temperatures (0 = all)")
+    p.add_argument("--steps", type=int, default=0, help="train.steps per trial (0 = the demo preset's)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"which ways to run, of {', '.join(MODES)}")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--output-dir", default="", help="sweep outputs (default: a temp dir, removed after)")
+    p.add_argument("--quick", action="store_true", help="smoke preset, 2 trials, no TorchTrainer: under a minute")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.trials = args.trials or 2
+        if args.modes == ",".join(MODES):
+            args.modes = "tune-in-trial,plain-loop"
+    temps = [float(t) for t in args.temperatures.split(",")][: args.trials or None]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        p.error(f"--modes: unknown {sorted(unknown)}; choose from {', '.join(MODES)}")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("KD_RAY_TEMP_DIR", tempfile.mkdtemp(prefix="kdray-", dir="/tmp"))  # our own Ray
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    root = Path(args.output_dir or tempfile.mkdtemp(prefix="kd-sweep-overhead-")).resolve()
+    out = root / time.strftime("%Y%m%d-%H%M%S")
+    fixed = _fixed(args)
+    from kd.config import KDConfig, apply_overrides
+    from kd.teacher import ensure_teacher
+
+    t = time.time()
+    ensure_teacher(apply_overrides(KDConfig(), fixed), progress=True)  # train it outside every timing
+    print(f"# teacher ready in {time.time() - t:.0f} s; fixed: {fixed}", flush=True)
+
+    results: dict[str, tuple[float, list[dict]]] = {}
+    for mode in modes:
+        print(f"running {mode}: {len(temps)} trials ...", flush=True)
+        results[mode] = run_plain(fixed, temps, out) if mode == "plain-loop" else run_tune(mode, fixed, temps, out)
+        print(f"  {mode}: wall {results[mode][0]:.1f} s", flush=True)
+
+    cfg = apply_overrides(KDConfig(), fixed)
+    print(f"\n# {len(temps)} trials (T = {', '.join(f'{t:g}' for t in temps)}), world={cfg.data.world_size}, "
+          f"teacher {cfg.teacher.n_layer}x{cfg.teacher.n_embd}, student {cfg.student.n_layer}x{cfg.student.n_embd}, "
+          f"{cfg.train.steps} steps x batch {cfg.train.batch_size}, eval every {cfg.train.eval_every} "
+          f"({cfg.train.eval_blocks} blocks), {args.threads} threads, concurrency 1 (one trial holds both cores)")
+    print("\n| way | sweep wall s | sum train_time_s | wall / sum train | sum trial s (entered->done) "
+          "| wall / sum trial | median to first report s | median start-up s | median gap between trials s "
+          "| wall vs plain loop |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    plain_wall = results["plain-loop"][0] if "plain-loop" in results else float("nan")
+    for mode, (wall, rows) in results.items():
+        rows = rows[:-1]
+        train = sum(r["train_s"] for r in rows)
+        trial = sum(r["done"] - r["entered"] for r in rows)
+        gaps = [b["entered"] - a["done"] for a, b in zip(rows, rows[1:])] or [float("nan")]
+        print(f"| {mode} | {wall:.1f} | {train:.1f} | {wall / train:.2f}x | {trial:.1f} | {wall / trial:.2f}x | "
+              f"{statistics.median(r['to_first'] for r in rows):.1f} | "
+              f"{statistics.median(r['startup'] for r in rows):.1f} | {statistics.median(gaps):.1f} | "
+              f"{wall / plain_wall:.2f}x |")
+    print("\n| way | T | trial start after sweep start s | entered -> first report s | start-up s "
+          "| train_time_s | trial s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for mode, (wall, rows) in results.items():
+        t0 = rows[-1]["t0"]
+        for r in rows[:-1]:
+            print(f"| {mode} | {r['T']:.3g} | {r['entered'] - t0:.1f} | {r['to_first']:.1f} | {r['startup']:.1f} | "
+                  f"{r['train_s']:.1f} | {r['done'] - r['entered']:.1f} |")
+    if not args.output_dir:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

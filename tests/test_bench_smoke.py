@@ -1,0 +1,111 @@
+"""The benchmark scripts run end to end (``--quick``) and print the tables they promise.
+
+Each runs in a subprocess with the session's temporary ``KD_CACHE_DIR`` (tests/conftest.py),
+so the tiny world and teacher are shared with the other tests and nothing reads
+``../shared``: the WikiText-2 script gets a small made-up corpus in the same file layout.
+Only the shape of the output is checked; timings belong to the benchmarks themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # each one trains a teacher and students: 20-60 s here
+
+
+def _run(script: str, *args: str, timeout: float = 600) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _table(out: str, first_columns: str) -> tuple[list[str], list[list[str]]]:
+    """The markdown table whose header starts with ``first_columns``: (header, rows)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_columns} |"))
+    cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(cells(line))
+    return cells(lines[start]), rows
+
+
+def _positive(cell: str) -> float:
+    value = float(cell.rstrip("x%").removesuffix("M"))
+    assert value > 0, cell
+    return value
+
+
+def test_train_throughput_quick(tmp_path):
+    out = _run("train_throughput.py", "--quick")
+    header, rows = _table(out, "loop")
+    assert header[:6] == ["loop", "tokens/s (median)", "runs", "vs reference", "GFLOP/s", "MFU (fp32 peak)"]
+    assert [r[0] for r in rows] == ["kd.train.train", "reference loop"]
+    for r in rows:
+        for cell in (r[1], r[3], r[4], r[5]):
+            _positive(cell)
+        assert len(r[2].split(",")) == 3  # one figure per repeat
+    assert rows[1][3] == "1.00x"
+    assert "fp32 matmul peak" in out
+
+
+def test_sweep_overhead_quick(tmp_path):
+    out = _run("sweep_overhead.py", "--quick", "--output-dir", str(tmp_path))
+    header, rows = _table(out, "way")
+    assert header[:4] == ["way", "sweep wall s", "sum train_time_s", "wall / sum train"]
+    assert [r[0] for r in rows] == ["tune-in-trial", "plain-loop"]
+    for r in rows:
+        for cell in r[1:7]:
+            _positive(cell)
+    _, trials = _table(out, "way | T")  # the per-trial table
+    assert len(trials) == 4  # 2 trials x 2 ways
+    assert all(_positive(t[5]) for t in trials)  # train_time_s
+
+
+def _fake_wikitext(root: Path) -> Path:
+    """Three splits of made-up text in WikiText-2's layout (one paragraph or heading per line)."""
+    rng = random.Random(0)
+    words = ("the river city was built in the early century by a group of settlers who came from "
+             "the north and traded grain wool and timber along the coast").split()
+    root.mkdir()
+    for name, n in (("train.txt", 500), ("valid.txt", 80), ("test.txt", 80)):
+        lines = []
+        for i in range(n):
+            lines.append(" = Heading = " if i % 20 == 0 else " ".join(rng.choice(words) for _ in range(40)) + " .")
+        (root / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_wikitext2_quick(tmp_path):
+    data = _fake_wikitext(tmp_path / "wikitext")
+    out = _run("wikitext2.py", "--quick", "--data", str(data), "--output-dir", str(tmp_path / "out"))
+    header, rows = _table(out, "model")
+    assert header == ["model", "layers x width", "non-emb params", "vs teacher", "kd_weight", "steps", "valid ppl",
+                      "test ppl", "valid word ppl", "test word ppl", "train tokens/s"]
+    assert [r[0] for r in rows] == ["teacher", "student CE only", "student KD only", "student combined (0.5)"]
+    for r in rows:
+        for cell in (r[2], r[3], r[6], r[7], r[8], r[9]):
+            _positive(cell)
+    assert [r[4] for r in rows[1:]] == ["0", "1", "0.5"]
+
+
+def test_world_students_quick(tmp_path):
+    out = _run("world_students.py", "--quick", "--output-dir", str(tmp_path))
+    header, rows = _table(out, "model")
+    assert header == ["model", "kd_weight", "T", "val_loss", "acc_completion", "acc_choice", "em_qa", "f1_qa",
+                      "acc_mean", "retention"]
+    assert [r[0] for r in rows] == ["teacher", "student, CE only", "student, combined (kd_weight=0.5, T=2)"]
+    for r in rows:
+        _positive(r[3])  # val_loss
+        assert all(0.0 <= float(c) <= 1.0 for c in r[4:9])  # accuracies are fractions
