@@ -108,9 +108,14 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
 # ------------------------------------------------------------------------------- data
 
 
-def make_batch(blocks: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Blocks (B, L) -> inputs (B, L-1), next-token labels (B, L-1) and the block indices."""
-    return {"input_ids": blocks[:, :-1], "labels": blocks[:, 1:], "index": index}
+def make_batch(blocks: torch.Tensor, block_index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Blocks (B, L) -> inputs (B, L-1), next-token labels (B, L-1) and the block ids (B,).
+
+    ``block_index`` is each row's position in the training blocks, so that a teacher read
+    from the soft-label cache (:mod:`kd.soft_labels`) can look its targets up; the model
+    never sees it.
+    """
+    return {"input_ids": blocks[:, :-1], "labels": blocks[:, 1:], "block_index": block_index}
 
 
 def _loader(blocks: torch.Tensor, cfg: TrainConfig, hooks: Hooks) -> DataLoader:
@@ -188,8 +193,14 @@ def validation_loss(model: torch.nn.Module, blocks: torch.Tensor, n_vocab: int, 
     return total / max(1, count)
 
 
-def online_teacher(teacher: torch.nn.Module, n_vocab: int, device: torch.device, precision: str) -> TeacherFn:
-    """A teacher callable that runs the frozen teacher on each batch (dense logits)."""
+def online_teacher(teacher: torch.nn.Module, n_vocab: int, device: torch.device, precision: str,
+                   top_k: int = 0) -> TeacherFn:
+    """A teacher callable that runs the frozen teacher on each batch.
+
+    Returns dense ``teacher_logits`` (B, T, V), or with ``top_k > 0`` the same top-k
+    targets the soft-label cache stores (raw logits, fp16), so online and cached
+    distillation can be compared at equal k.
+    """
     # Frozen visibly: eval() turns dropout off so the soft targets are deterministic, and
     # no_grad keeps the teacher's activations out of memory.
     teacher.eval()
@@ -199,7 +210,11 @@ def online_teacher(teacher: torch.nn.Module, n_vocab: int, device: torch.device,
     @torch.no_grad()
     def fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with autocast_for(device, precision):
-            return {"teacher_logits": logits_for(teacher, batch["input_ids"], n_vocab)}
+            logits = logits_for(teacher, batch["input_ids"], n_vocab)
+        if not top_k:
+            return {"teacher_logits": logits}
+        values, indices = logits.topk(min(top_k, n_vocab), dim=-1)  # (B, T, k)
+        return {"topk_indices": indices, "topk_values": values.half()}
 
     return fn
 
