@@ -29,6 +29,9 @@ INITS = ("random", "teacher")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 WORLD_SIZES = ("tiny", "small", "default")
+TEACHER_MODES = ("online", "cache")
+#: k of the soft-label cache when ``loss.top_k`` is 0. CACHE_TOP_K_WHY_PLACEHOLDER
+CACHE_TOP_K = 128
 
 
 @dataclass
@@ -102,7 +105,15 @@ class LossConfig:
     skew_alpha: float = 0.1
     """Skew of skew KL; in [0, 1)."""
     top_k: int = 0
-    """Keep only the teacher's top-k logits per token (0 = dense)."""
+    """Teacher logits kept per token. Online: 0 = dense, k > 0 = the top-k only (as the cache
+    would give). Cache: the k it stores; 0 = :data:`CACHE_TOP_K`."""
+    teacher_mode: str = "online"
+    """``online``: run the teacher on every batch of every trial. ``cache``: read its top-k
+    logits from the soft-label cache (:mod:`kd.soft_labels`), built once per teacher, data
+    and k; a sweep builds it before its trials, which then never load the teacher."""
+    soft_labels_dir: str = ""
+    """Where soft-label caches live; empty = ``cache_dir()/soft_labels``. On a cluster, a
+    directory every node reads (a sweep uses its output dir there)."""
 
 
 @dataclass
@@ -303,7 +314,8 @@ def validate(cfg: KDConfig) -> None:
     _check_choice("loss.divergence", l.divergence, DIVERGENCES)
     _check(0.0 < l.jsd_beta < 1.0, "loss.jsd_beta", l.jsd_beta, "must be in (0, 1)")
     _check(0.0 <= l.skew_alpha < 1.0, "loss.skew_alpha", l.skew_alpha, "must be in [0, 1)")
-    _check(l.top_k >= 0, "loss.top_k", l.top_k, "must be >= 0 (0 = dense teacher logits)")
+    _check(l.top_k >= 0, "loss.top_k", l.top_k, "must be >= 0 (0 = dense online, the default k for the cache)")
+    _check_choice("loss.teacher_mode", l.teacher_mode, TEACHER_MODES)
 
     _check_choice("teacher.arch", t.arch, ARCHS)
     for key, v in (("teacher.n_layer", t.n_layer), ("teacher.n_embd", t.n_embd), ("teacher.n_head", t.n_head),
