@@ -1,0 +1,434 @@
+"""Teacher soft labels computed once: the teacher's top-k logits for every training token.
+
+Every trial of a sweep distils from the same teacher on the same blocks, so its outputs
+are computed once (DESIGN.md) and a trial reads them instead of running the teacher. The
+cache keeps, per training block and position, the teacher's k largest *raw* logits
+(fp16) and their token ids (int16 when the vocabulary fits, else int32); the temperature
+is applied at training time (:func:`kd.losses.distillation_loss` takes these as
+``topk_values``/``topk_indices``), so one cache serves a whole temperature sweep.
+
+Layout, under ``loss.soft_labels_dir`` (default ``cache_dir()/soft_labels``)::
+
+    <fingerprint>/manifest.json                 key, k, shapes, dtypes, sha256 per shard
+    <fingerprint>/shard-00000.safetensors       block_index (n,), topk_indices (n, T, k),
+    ...                                         topk_values (n, T, k); T = block_size - 1
+
+The fingerprint covers the teacher's weights (a hash of its safetensors files), the
+tokenizer, the packed blocks, the block length, k and the precision setting. A cache is
+written into a temp dir and renamed into place (readers see all of it or nothing), and
+checked before use: a shard whose sha256 differs from the manifest, or a manifest whose
+key differs from the one asked for, raises :class:`SoftLabelsError` (one line) and
+:func:`ensure_soft_labels` rebuilds it; nothing wrong is used silently.
+
+The teacher pass is :class:`TopKTeacher`, a callable class that Ray Data runs with
+``map_batches`` on an actor pool (one teacher per actor, a GPU each where the cluster has
+them: :func:`build_with_ray`), or that a plain loop runs in-process
+(:func:`build_local`, what a single ``kd distill`` and a trial that finds no cache use).
+Nothing here imports Ray at module level.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from safetensors.numpy import load as load_numpy
+from safetensors.numpy import save as save_numpy
+
+from kd.config import KDConfig, fingerprint
+from kd.paths import cache_dir
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+#: Blocks per shard file: ~17 MB at k=128, 128-token blocks (shards checksum and load
+#: one at a time; many tiny files would cost more in opens than they save).
+SHARD_BLOCKS = 256
+#: Blocks per teacher forward (a (8, 127, V) fp32 logits tensor is 8 MB at V=2048 and
+#: 200 MB at V=50k: bounded whatever the vocabulary).
+MICRO_BATCH = 8
+
+TeacherFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+class SoftLabelsError(RuntimeError):
+    """A soft-label cache that must not be used (missing, corrupt, or for other inputs)."""
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_fingerprint(source: str) -> str:
+    """A hash of the teacher's weights: sha256 over its safetensors files (names and bytes).
+
+    For a hub id, the files of the locally cached snapshot. The full hash of a large
+    teacher takes a while (~1 GB/s), so it is remembered per file path, size and mtime in
+    ``cache_dir()/soft_labels/weights.json``: a trial only stats the files.
+    """
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            root = Path(snapshot_download(source, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]))
+        except Exception:  # not cached locally: the id is all we know
+            return fingerprint({"hub": source})
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise SoftLabelsError(f"teacher {source!r} has no .safetensors weights to fingerprint")
+    memo_path = cache_dir() / "soft_labels" / "weights.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    parts, changed = [], False
+    for f in files:
+        st = f.stat()
+        ident = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if ident not in memo:
+            memo[ident], changed = _sha256_file(f), True
+        parts.append((f.name, memo[ident]))
+    if changed:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(memo_path, json.dumps(memo, indent=1).encode())
+    return fingerprint({"weights": parts})
+
+
+def cache_key(cfg: KDConfig, teacher_source: str, tokenizer: Any) -> dict[str, Any]:
+    """Everything the cached top-k logits depend on (the fingerprint hashes this)."""
+    from kd.data import blocks_fingerprint, tokenizer_fingerprint
+
+    n_vocab = len(tokenizer)
+    return {
+        "format": FORMAT,
+        "teacher": weights_fingerprint(teacher_source),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "blocks": blocks_fingerprint(cfg.data, tokenizer),
+        "block_size": cfg.data.block_size,
+        "k": min(effective_top_k(cfg), n_vocab),
+        "precision": cfg.train.precision,
+    }
+
+
+def effective_top_k(cfg: KDConfig) -> int:
+    """``loss.top_k``, or the cache's default k when it is 0 (see kd.config.CACHE_TOP_K)."""
+    from kd.config import CACHE_TOP_K
+
+    return cfg.loss.top_k or CACHE_TOP_K
+
+
+def cache_root(cfg: KDConfig) -> Path:
+    return Path(cfg.loss.soft_labels_dir).expanduser() if cfg.loss.soft_labels_dir else cache_dir() / "soft_labels"
+
+
+def cache_path(cfg: KDConfig, key: dict[str, Any]) -> Path:
+    return cache_root(cfg) / fingerprint(key)
+
+
+# ------------------------------------------------------------------ teacher pass
+
+
+def _index_dtype(n_vocab: int) -> np.dtype:
+    return np.dtype(np.int16) if n_vocab <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
+
+
+class TopKTeacher:
+    """The teacher's top-k logits for a batch of block ids; a Ray Data callable class.
+
+    Constructed once per actor (the teacher loads once), then called with batches
+    ``{"data": (n,) block ids}`` (what ``ray.data.from_numpy`` names its column) and returns ``{"block_index" (n,), "topk_indices" (n, T, k),
+    "topk_values" (n, T, k) fp16}``.
+
+    Args:
+        teacher_source: a ``save_pretrained`` directory or hub id.
+        blocks: the training blocks (N, L) int64, or a Ray ObjectRef to them.
+        n_vocab: the tokenizer's length (logits past it are LM-head padding).
+        k: logits kept per token.
+        precision: ``train.precision`` (bf16 autocast where fast, as the online teacher).
+        threads: torch threads (Ray sets OMP_NUM_THREADS=1 in its workers).
+    """
+
+    def __init__(self, teacher_source: str, blocks: Any, n_vocab: int, k: int, precision: str = "auto",
+                 threads: int = 0, device: str = "auto", trust_remote_code: bool = False):
+        from kd.models import load_pretrained
+        from kd.train import pick_device
+
+        if not isinstance(blocks, torch.Tensor):  # an ObjectRef shipped to a Ray actor
+            import ray
+
+            blocks = ray.get(blocks)
+        if threads:
+            torch.set_num_threads(threads)
+        self.blocks, self.n_vocab, self.k, self.precision = blocks, n_vocab, k, precision
+        self.device = pick_device(device)
+        model, _ = load_pretrained(teacher_source, trust_remote_code=trust_remote_code)
+        # Frozen: eval() so the targets are deterministic (no dropout), no_grad in __call__.
+        self.model = model.to(self.device).eval()
+        self.index_dtype = _index_dtype(n_vocab)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from kd.models import logits_for
+        from kd.train import autocast_for
+
+        ids = np.asarray(batch["data"], dtype=np.int64)
+        out_i, out_v = [], []
+        for start in range(0, len(ids), MICRO_BATCH):
+            x = self.blocks[torch.from_numpy(ids[start:start + MICRO_BATCH])][:, :-1].to(self.device)
+            with autocast_for(self.device, self.precision):
+                logits = logits_for(self.model, x, self.n_vocab)  # (b, T, V)
+            values, indices = logits.topk(self.k, dim=-1)  # (b, T, k), raw logits: T is applied later
+            out_i.append(indices.cpu().numpy().astype(self.index_dtype))
+            out_v.append(values.half().cpu().numpy())
+        return {"block_index": ids, "topk_indices": np.concatenate(out_i), "topk_values": np.concatenate(out_v)}
+
+
+def build_local(teacher_args: dict[str, Any], n_blocks: int, batch_size: int = 32) -> Iterable[dict[str, np.ndarray]]:
+    """The teacher pass as a plain loop in this process (no Ray)."""
+    fn = TopKTeacher(**teacher_args)
+    for start in range(0, n_blocks, batch_size):
+        yield fn({"data": np.arange(start, min(n_blocks, start + batch_size))})
+
+
+def build_with_ray(teacher_args: dict[str, Any], n_blocks: int, batch_size: int = 32,
+                   actors: int | None = None) -> Iterable[dict[str, np.ndarray]]:
+    """The teacher pass as Ray Data batch inference over block ids, on an actor pool.
+
+    One teacher per actor; one GPU per actor where the cluster has GPUs (as many actors as
+    GPUs), else one actor per ``threads`` CPUs. The blocks go to the object store once and
+    every actor reads them from there. Needs ``ray.init`` done.
+    """
+    import ray
+
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
+    threads = int(teacher_args.get("threads") or (1 if gpus else max(1, cpus)))
+    if actors is None:
+        actors = gpus if gpus else max(1, cpus // threads)
+    args = {**teacher_args, "threads": threads, "blocks": ray.put(teacher_args["blocks"])}
+    # The ids as in-memory blocks: ray.data.range would add read tasks that need a CPU of
+    # their own, and with the actors holding every CPU of a small machine they never run.
+    ids = np.arange(n_blocks, dtype=np.int64)
+    ds = ray.data.from_numpy([ids[i:i + batch_size] for i in range(0, n_blocks, batch_size)])
+    ds = ds.map_batches(
+        TopKTeacher, fn_constructor_kwargs=args, batch_size=batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),  # the 2.60 form (``concurrency=`` is deprecated)
+        num_cpus=1 if gpus else threads, num_gpus=1 if gpus else None,
+    )
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+# ------------------------------------------------------------------------ writing
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_cache(path: Path, key: dict[str, Any], batches: Iterable[dict[str, np.ndarray]], *, n_blocks: int,
+                n_vocab: int, extra: dict[str, Any] | None = None) -> Path:
+    """Write teacher batches as shards + manifest into a temp dir, then rename it to ``path``.
+
+    If ``path`` holds a bad cache it is moved aside first; if another process published a
+    cache there meanwhile, theirs is kept and ours dropped.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
+    shards: list[dict[str, Any]] = []
+    pending: list[dict[str, np.ndarray]] = []
+    seen = np.zeros(n_blocks, dtype=bool)
+    shape: tuple[int, ...] = ()
+    started = time.time()
+
+    def flush() -> None:
+        if not pending:
+            return
+        tensors = {name: np.ascontiguousarray(np.concatenate([b[name] for b in pending]))
+                   for name in ("block_index", "topk_indices", "topk_values")}
+        pending.clear()
+        data = save_numpy(tensors, metadata={"fingerprint": path.name})
+        name = f"shard-{len(shards):05d}.safetensors"
+        (tmp / name).write_bytes(data)
+        shards.append({"file": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                       "n_blocks": int(len(tensors["block_index"]))})
+
+    try:
+        for batch in batches:
+            ids = np.asarray(batch["block_index"], dtype=np.int64)
+            if seen[ids].any():
+                raise SoftLabelsError(f"soft labels: block ids {ids[seen[ids]][:5].tolist()} computed twice")
+            seen[ids] = True
+            shape = tuple(batch["topk_values"].shape[1:])
+            pending.append(batch)
+            if sum(len(b["block_index"]) for b in pending) >= SHARD_BLOCKS:
+                flush()
+        flush()
+        if not seen.all():
+            raise SoftLabelsError(f"soft labels: {int((~seen).sum())} of {n_blocks} blocks missing from the teacher pass")
+        manifest = {
+            "format": FORMAT, "fingerprint": path.name, "key": key, "n_blocks": n_blocks,
+            "positions": shape[0], "k": shape[1], "vocab": n_vocab,
+            "index_dtype": str(_index_dtype(n_vocab)), "value_dtype": "float16",
+            "shape": [n_blocks, *shape], "shards": shards, "created": time.time(),
+            "build_s": round(time.time() - started, 3), **(extra or {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _publish(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    if path.exists():  # a bad cache (else we would not be building): move it aside atomically
+        trash = path.parent / f".bad-{path.name}-{os.getpid()}-{time.time_ns()}"
+        try:
+            os.replace(path, trash)
+        except OSError:  # another process moved or replaced it first
+            pass
+        shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process published first: theirs is as good as ours
+        pass
+
+
+# ------------------------------------------------------------------------ reading
+
+
+@dataclass
+class SoftLabels:
+    """A verified cache loaded in memory: ``indices``/``values`` (N, T, k), by block id."""
+
+    path: Path
+    manifest: dict[str, Any]
+    indices: torch.Tensor
+    values: torch.Tensor
+
+    def teacher_fn(self, device: torch.device | None = None) -> TeacherFn:
+        """A :data:`kd.train.TeacherFn` that looks a batch's targets up by ``block_index``."""
+
+        def fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            ids = batch["block_index"].cpu()
+            dev = device or batch["input_ids"].device
+            return {"topk_indices": self.indices[ids].to(dev, non_blocking=True),
+                    "topk_values": self.values[ids].to(dev, non_blocking=True)}
+
+        return fn
+
+
+def _fail(path: Path, why: str) -> SoftLabelsError:
+    return SoftLabelsError(f"soft-label cache {path} is not usable: {why}")
+
+
+def read_manifest(path: Path, key: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of the cache at ``path`` if it is for ``key``; else :class:`SoftLabelsError`."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise _fail(path, f"no {MANIFEST}") from None
+    except (OSError, ValueError) as e:
+        raise _fail(path, f"unreadable {MANIFEST} ({e})") from None
+    want = fingerprint(key)
+    if manifest.get("fingerprint") != want or manifest.get("key") != key:
+        diff = sorted(k for k in key if (manifest.get("key") or {}).get(k) != key[k])
+        raise _fail(path, f"fingerprint mismatch (cache {manifest.get('fingerprint')}, expected {want}; "
+                          f"differs in {', '.join(diff) or 'fingerprint'})")
+    return manifest
+
+
+def load_soft_labels(path: str | os.PathLike, key: dict[str, Any]) -> SoftLabels:
+    """Load and verify a cache: manifest key, every shard's sha256, every block exactly once."""
+    path = Path(path)
+    manifest = read_manifest(path, key)
+    n, t, k = manifest["shape"]
+    indices = np.empty((n, t, k), dtype=np.dtype(manifest["index_dtype"]))
+    values = np.empty((n, t, k), dtype=np.float16)
+    seen = np.zeros(n, dtype=bool)
+    for shard in manifest["shards"]:
+        try:
+            data = (path / shard["file"]).read_bytes()
+        except OSError as e:
+            raise _fail(path, f"shard {shard['file']} unreadable ({e.strerror})") from None
+        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            raise _fail(path, f"shard {shard['file']} fails its sha256 check (corrupted)")
+        tensors = load_numpy(data)
+        ids = tensors["block_index"]
+        if tensors["topk_indices"].shape != (len(ids), t, k) or seen[ids].any():
+            raise _fail(path, f"shard {shard['file']} does not match the manifest")
+        seen[ids] = True
+        indices[ids], values[ids] = tensors["topk_indices"], tensors["topk_values"]
+    if not seen.all():
+        raise _fail(path, f"{int((~seen).sum())} of {n} blocks missing")
+    return SoftLabels(path, manifest, torch.from_numpy(indices), torch.from_numpy(values))
+
+
+# ---------------------------------------------------------------------- the entry
+
+
+def ensure_soft_labels(
+    cfg: KDConfig,
+    teacher_source: str,
+    tokenizer: Any,
+    train_blocks: torch.Tensor,
+    *,
+    backend: str = "local",
+    on_bad: str = "rebuild",
+    progress: bool = False,
+) -> SoftLabels:
+    """The verified cache for ``cfg``, built (or rebuilt when bad) if needed.
+
+    Args:
+        backend: ``local`` (a loop in this process) or ``ray`` (Ray Data actors; needs
+            ``ray.init``). Never ``ray`` inside a trial holding all of a small machine's
+            CPUs: its actors would wait for them forever.
+        on_bad: ``rebuild`` a missing or bad cache, or ``raise`` :class:`SoftLabelsError`.
+    """
+    key = cache_key(cfg, teacher_source, tokenizer)
+    path = cache_path(cfg, key)
+    if path.exists():
+        try:
+            return _checked(load_soft_labels(path, key), train_blocks)
+        except SoftLabelsError as e:
+            if on_bad != "rebuild":
+                raise
+            print(f"{e}; rebuilding it", file=sys.stderr, flush=True)
+    elif on_bad != "rebuild":
+        raise _fail(path, "not built yet")
+    args = dict(teacher_source=teacher_source, blocks=train_blocks, n_vocab=len(tokenizer), k=key["k"],
+                precision=cfg.train.precision, threads=cfg.train.threads, device=cfg.train.device,
+                trust_remote_code=cfg.teacher.trust_remote_code)
+    if progress:
+        print(f"soft labels: teacher top-{key['k']} logits for {len(train_blocks)} blocks ({backend}) -> {path}",
+              flush=True)
+    build = build_with_ray if backend == "ray" else build_local
+    write_cache(path, key, build(args, len(train_blocks)), n_blocks=len(train_blocks), n_vocab=len(tokenizer),
+                extra={"backend": backend, "teacher_source": str(teacher_source)})
+    return _checked(load_soft_labels(path, key), train_blocks)
+
+
+def _checked(labels: SoftLabels, train_blocks: torch.Tensor) -> SoftLabels:
+    n, t, _ = labels.indices.shape
+    if (n, t + 1) != tuple(train_blocks.shape):
+        raise _fail(labels.path, f"it covers {n} blocks of {t + 1} tokens, the data has {tuple(train_blocks.shape)}")
+    return labels
