@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Callable
 
 import torch
 
@@ -31,6 +32,16 @@ def _world_dir(cfg: KDConfig) -> Path | None:
     return ensure_world(cfg.data.world_size, cfg.data.world_seed)
 
 
+def _load_tokenizer(source: str, trust_remote_code: bool) -> Any:
+    """The teacher's tokenizer alone, as :func:`kd.models.load_pretrained` returns it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def evaluate_model(model: torch.nn.Module, tokenizer: Any, cfg: KDConfig) -> dict[str, float]:
     """Task accuracies on the world's sets (when training on the world) plus size and speed."""
     from kd.evaluate import evaluate_world
@@ -45,20 +56,27 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, cfg: KDConfig) -> dic
     return out
 
 
-def teacher_metrics(teacher: torch.nn.Module, tokenizer: Any, teacher_source: str, cfg: KDConfig,
-                    val_blocks: torch.Tensor) -> dict[str, float]:
-    """The teacher's reference figures, computed once per teacher and data and cached."""
+def teacher_metrics(teacher: torch.nn.Module | None, tokenizer: Any, teacher_source: str, cfg: KDConfig,
+                    val_blocks: torch.Tensor, load: Callable[[], torch.nn.Module] | None = None) -> dict[str, float]:
+    """The teacher's reference figures, computed once per teacher and data and cached.
+
+    ``teacher`` may be None with a ``load`` callable: the teacher is then loaded only when
+    the figures are not cached yet (a cache-mode trial never loads it: kd.sweep computes
+    them before the trials start).
+    """
     from kd.train import validation_loss
 
     key = fingerprint({"teacher": teacher_source, "data": cfg.data.__dict__, "v": 1})
     path = cache_dir() / "teacher_metrics" / f"{key}.json"
     if path.exists():
         return json.loads(path.read_text())
+    if teacher is None:
+        teacher = load()
     device = next(teacher.parameters()).device
     metrics = evaluate_model(teacher, tokenizer, cfg)
     metrics["val_loss"] = validation_loss(teacher, val_blocks, len(tokenizer), device=device, precision=cfg.train.precision)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(metrics, indent=1))
     os.replace(tmp, path)
     return metrics
@@ -106,18 +124,39 @@ def distill(
         torch.set_num_threads(cfg.train.threads)
 
     teacher_source = ensure_teacher(cfg, progress=progress)
-    teacher, tokenizer = load_pretrained(teacher_source, trust_remote_code=cfg.teacher.trust_remote_code)
-    if cfg.student.source:
-        student, student_tok = load_pretrained(cfg.student.source, trust_remote_code=cfg.teacher.trust_remote_code)
-        check_same_tokenizer(tokenizer, student_tok)
+    trust = cfg.teacher.trust_remote_code
+    cached = cfg.loss.teacher_mode == "cache"
+
+    def load_teacher() -> torch.nn.Module:
+        return load_pretrained(teacher_source, trust_remote_code=trust)[0].to(device)
+
+    if cached:  # the teacher's weights stay on disk: its soft labels come from the cache
+        teacher, tokenizer = None, _load_tokenizer(teacher_source, trust)
     else:
-        student = build_student(teacher, cfg.student, seed=cfg.train.seed)
+        teacher, tokenizer = load_pretrained(teacher_source, trust_remote_code=trust)
+    if cfg.student.source:
+        student, student_tok = load_pretrained(cfg.student.source, trust_remote_code=trust)
+        check_same_tokenizer(tokenizer, student_tok)
+    elif teacher is None and cfg.student.init != "teacher":
+        # A random student needs only the teacher's config (build_student reads .config).
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(teacher_source, trust_remote_code=trust)
+        student = build_student(SimpleNamespace(config=config), cfg.student, seed=cfg.train.seed)
+    else:  # init=teacher copies the teacher's weights: load it for that alone in cache mode
+        student = build_student(teacher if teacher is not None else load_teacher(), cfg.student, seed=cfg.train.seed)
     blocks = load_blocks(cfg.data, tokenizer)
     n_vocab = len(tokenizer)
 
     teacher_fn = None
-    if cfg.loss.kd_weight > 0:
-        teacher_fn = online_teacher(teacher.to(device), n_vocab, device, cfg.train.precision)
+    if cfg.loss.kd_weight > 0 and cached:
+        from kd.soft_labels import ensure_soft_labels
+
+        # Built before the trials by a sweep; built here (a plain loop) when missing or bad.
+        teacher_fn = ensure_soft_labels(cfg, teacher_source, tokenizer, blocks.train,
+                                        progress=progress).teacher_fn(device)
+    elif cfg.loss.kd_weight > 0:
+        teacher_fn = online_teacher(teacher.to(device), n_vocab, device, cfg.train.precision, top_k=cfg.loss.top_k)
     final = train(student, blocks.train, blocks.val, n_vocab=n_vocab, loss_cfg=cfg.loss, cfg=cfg.train,
                   teacher=teacher_fn, report=report, checkpoint_dir=out / "checkpoints",
                   resume_from=resume_from, hooks=hooks, progress=progress)
@@ -130,7 +169,8 @@ def distill(
     tokenizer.save_pretrained(out / "student")
     if evaluate:
         metrics.update(evaluate_model(student, tokenizer, cfg))
-        ref = teacher_metrics(teacher.to(device), tokenizer, teacher_source, cfg, blocks.val)
+        ref = teacher_metrics(teacher.to(device) if teacher is not None else None, tokenizer, teacher_source, cfg,
+                              blocks.val, load=load_teacher)
         metrics.update({f"teacher_{k}": v for k, v in ref.items()})
         if "acc_mean" in metrics and ref.get("acc_mean"):
             metrics["retention"] = metrics["acc_mean"] / ref["acc_mean"]

@@ -269,6 +269,31 @@ def _prepare(fixed: dict[str, Any]) -> None:
     ensure_teacher(cfg, progress=True)
 
 
+def _prepare_soft_labels(fixed: dict[str, Any]) -> None:
+    """In cache mode, the teacher's soft labels and reference metrics, once, before the trials.
+
+    The teacher pass runs as Ray Data batch inference (``ray.init`` done), so on a cluster
+    it spreads over its GPUs; the trials then only read the cache and never load the
+    teacher. A trial whose config needs another cache (a searched ``loss.top_k``) builds
+    its own.
+    """
+    cfg = apply_overrides(KDConfig(), fixed)
+    if cfg.loss.teacher_mode != "cache":
+        return
+    from kd.data import load_blocks
+    from kd.models import load_pretrained
+    from kd.run import teacher_metrics
+    from kd.soft_labels import ensure_soft_labels
+    from kd.teacher import ensure_teacher
+
+    source = ensure_teacher(cfg)
+    teacher, tokenizer = load_pretrained(source, trust_remote_code=cfg.teacher.trust_remote_code)
+    blocks = load_blocks(cfg.data, tokenizer)
+    ensure_soft_labels(cfg, source, tokenizer, blocks.train, backend="ray", progress=True)
+    teacher_metrics(teacher, tokenizer, source, cfg, blocks.val)
+    del teacher
+
+
 def run_sweep(
     name: str,
     space: Space,
@@ -340,8 +365,15 @@ def run_sweep(
 
     if prepare:
         _prepare(fixed)
+    if address and apply_overrides(KDConfig(), fixed).loss.teacher_mode == "cache" \
+            and "loss.soft_labels_dir" not in fixed:
+        # A cluster's nodes do not share ~/.cache: keep the soft labels beside the sweep's
+        # results, which every node reads (cluster.yaml mounts shared storage there).
+        fixed["loss.soft_labels_dir"] = str(output_dir / "soft_labels")
     _ray_init(address, output_dir)
     try:
+        if prepare:
+            _prepare_soft_labels(fixed)
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         resources, threads, fits = _resources(num_workers, use_gpu, force_train)
