@@ -2,16 +2,17 @@
 
 Every trial of a sweep distils from the same teacher on the same blocks, so its outputs
 are computed once (DESIGN.md) and a trial reads them instead of running the teacher. The
-cache keeps, per training block and position, the teacher's k largest *raw* logits
-(fp16) and their token ids (int16 when the vocabulary fits, else int32); the temperature
-is applied at training time (:func:`kd.losses.distillation_loss` takes these as
-``topk_values``/``topk_indices``), so one cache serves a whole temperature sweep.
+cache keeps, per training block and position, the teacher's *raw* logits in fp16: all V
+of them by default (``loss.top_k = 0``: exact at every temperature), or the k largest and
+their token ids (int16 when the vocabulary fits, else int32). The temperature is applied
+at training time (:func:`kd.losses.distillation_loss` takes them as ``teacher_logits``,
+or ``topk_values``/``topk_indices``), so one cache serves a whole temperature sweep.
 
 Layout, under ``loss.soft_labels_dir`` (default ``cache_dir()/soft_labels``)::
 
     <fingerprint>/manifest.json                 key, k, shapes, dtypes, sha256 per shard
-    <fingerprint>/shard-00000.safetensors       block_index (n,), topk_indices (n, T, k),
-    ...                                         topk_values (n, T, k); T = block_size - 1
+    <fingerprint>/shard-00000.safetensors       block_index (n,), topk_values (n, T, k) and,
+    ...                                         unless k = V, topk_indices (n, T, k); T = block_size - 1
 
 The fingerprint covers the teacher's weights (a hash of its safetensors files), the
 tokenizer, the packed blocks, the block length, k and the precision setting. A cache is
@@ -122,16 +123,9 @@ def cache_key(cfg: KDConfig, teacher_source: str, tokenizer: Any) -> dict[str, A
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "blocks": blocks_fingerprint(cfg.data, tokenizer),
         "block_size": cfg.data.block_size,
-        "k": min(effective_top_k(cfg), n_vocab),
+        "k": min(cfg.loss.top_k or n_vocab, n_vocab),  # k = V: dense
         "precision": cfg.train.precision,
     }
-
-
-def effective_top_k(cfg: KDConfig) -> int:
-    """``loss.top_k``, or the cache's default k when it is 0 (see kd.config.CACHE_TOP_K)."""
-    from kd.config import CACHE_TOP_K
-
-    return cfg.loss.top_k or CACHE_TOP_K
 
 
 def cache_root(cfg: KDConfig) -> Path:
@@ -194,10 +188,16 @@ class TopKTeacher:
             x = self.blocks[torch.from_numpy(ids[start:start + MICRO_BATCH])][:, :-1].to(self.device)
             with autocast_for(self.device, self.precision):
                 logits = logits_for(self.model, x, self.n_vocab)  # (b, T, V)
+            if self.k >= self.n_vocab:  # dense: every logit in vocabulary order, no ids needed
+                out_v.append(logits.half().cpu().numpy())
+                continue
             values, indices = logits.topk(self.k, dim=-1)  # (b, T, k), raw logits: T is applied later
             out_i.append(indices.cpu().numpy().astype(self.index_dtype))
             out_v.append(values.half().cpu().numpy())
-        return {"block_index": ids, "topk_indices": np.concatenate(out_i), "topk_values": np.concatenate(out_v)}
+        out = {"block_index": ids, "topk_values": np.concatenate(out_v)}
+        if out_i:
+            out["topk_indices"] = np.concatenate(out_i)
+        return out
 
 
 def build_local(teacher_args: dict[str, Any], n_blocks: int, batch_size: int = 32) -> Iterable[dict[str, np.ndarray]]:
@@ -264,7 +264,7 @@ def write_cache(path: Path, key: dict[str, Any], batches: Iterable[dict[str, np.
         if not pending:
             return
         tensors = {name: np.ascontiguousarray(np.concatenate([b[name] for b in pending]))
-                   for name in ("block_index", "topk_indices", "topk_values")}
+                   for name in ("block_index", "topk_indices", "topk_values") if name in pending[0]}
         pending.clear()
         data = save_numpy(tensors, metadata={"fingerprint": path.name})
         name = f"shard-{len(shards):05d}.safetensors"
@@ -287,8 +287,8 @@ def write_cache(path: Path, key: dict[str, Any], batches: Iterable[dict[str, np.
             raise SoftLabelsError(f"soft labels: {int((~seen).sum())} of {n_blocks} blocks missing from the teacher pass")
         manifest = {
             "format": FORMAT, "fingerprint": path.name, "key": key, "n_blocks": n_blocks,
-            "positions": shape[0], "k": shape[1], "vocab": n_vocab,
-            "index_dtype": str(_index_dtype(n_vocab)), "value_dtype": "float16",
+            "positions": shape[0], "k": shape[1], "vocab": n_vocab, "dense": shape[1] >= n_vocab,
+            "index_dtype": None if shape[1] >= n_vocab else str(_index_dtype(n_vocab)), "value_dtype": "float16",
             "shape": [n_blocks, *shape], "shards": shards, "created": time.time(),
             "build_s": round(time.time() - started, 3), **(extra or {}),
         }
@@ -318,11 +318,12 @@ def _publish(tmp: Path, path: Path) -> None:
 
 @dataclass
 class SoftLabels:
-    """A verified cache loaded in memory: ``indices``/``values`` (N, T, k), by block id."""
+    """A verified cache loaded in memory: ``values`` (N, T, k) and ``indices`` (N, T, k), or
+    None when the cache is dense (k = V, values in vocabulary order), by block id."""
 
     path: Path
     manifest: dict[str, Any]
-    indices: torch.Tensor
+    indices: torch.Tensor | None
     values: torch.Tensor
 
     def teacher_fn(self, device: torch.device | None = None) -> TeacherFn:
@@ -331,6 +332,8 @@ class SoftLabels:
         def fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             ids = batch["block_index"].cpu()
             dev = device or batch["input_ids"].device
+            if self.indices is None:  # dense: the exact loss of the online teacher (fp16 logits)
+                return {"teacher_logits": self.values[ids].to(dev, non_blocking=True)}
             return {"topk_indices": self.indices[ids].to(dev, non_blocking=True),
                     "topk_values": self.values[ids].to(dev, non_blocking=True)}
 
@@ -362,7 +365,7 @@ def load_soft_labels(path: str | os.PathLike, key: dict[str, Any]) -> SoftLabels
     path = Path(path)
     manifest = read_manifest(path, key)
     n, t, k = manifest["shape"]
-    indices = np.empty((n, t, k), dtype=np.dtype(manifest["index_dtype"]))
+    indices = None if manifest["dense"] else np.empty((n, t, k), dtype=np.dtype(manifest["index_dtype"]))
     values = np.empty((n, t, k), dtype=np.float16)
     seen = np.zeros(n, dtype=bool)
     for shard in manifest["shards"]:
@@ -374,13 +377,16 @@ def load_soft_labels(path: str | os.PathLike, key: dict[str, Any]) -> SoftLabels
             raise _fail(path, f"shard {shard['file']} fails its sha256 check (corrupted)")
         tensors = load_numpy(data)
         ids = tensors["block_index"]
-        if tensors["topk_indices"].shape != (len(ids), t, k) or seen[ids].any():
+        if tensors["topk_values"].shape != (len(ids), t, k) or seen[ids].any() \
+                or (indices is not None and tensors["topk_indices"].shape != (len(ids), t, k)):
             raise _fail(path, f"shard {shard['file']} does not match the manifest")
         seen[ids] = True
-        indices[ids], values[ids] = tensors["topk_indices"], tensors["topk_values"]
+        values[ids] = tensors["topk_values"]
+        if indices is not None:
+            indices[ids] = tensors["topk_indices"]
     if not seen.all():
         raise _fail(path, f"{int((~seen).sum())} of {n} blocks missing")
-    return SoftLabels(path, manifest, torch.from_numpy(indices), torch.from_numpy(values))
+    return SoftLabels(path, manifest, None if indices is None else torch.from_numpy(indices), torch.from_numpy(values))
 
 
 # ---------------------------------------------------------------------- the entry
@@ -428,7 +434,7 @@ def ensure_soft_labels(
 
 
 def _checked(labels: SoftLabels, train_blocks: torch.Tensor) -> SoftLabels:
-    n, t, _ = labels.indices.shape
+    n, t, _ = labels.values.shape
     if (n, t + 1) != tuple(train_blocks.shape):
         raise _fail(labels.path, f"it covers {n} blocks of {t + 1} tokens, the data has {tuple(train_blocks.shape)}")
     return labels

@@ -89,12 +89,15 @@ def test_batches_carry_block_ids_that_the_reader_uses(world):
     torch.testing.assert_close(online_k["topk_values"].float(), out["topk_values"].float(), **fp16)
 
 
-def test_k_equal_to_vocab_gives_the_dense_loss(world, tmp_path):
+@pytest.mark.parametrize("top_k", [0, "V"])
+def test_dense_cache_gives_the_dense_loss(world, tmp_path, top_k):
+    """The default (top_k=0) and k = V store every logit: the online teacher's loss up to fp16."""
     cfg, source, teacher, tok, _, _ = world
-    full = _cfg(cfg_overrides(cfg), tmp_path, **{"loss.top_k": len(tok), "data.max_blocks": 8})
+    k = len(tok) if top_k == "V" else top_k
+    full = _cfg(cfg_overrides(cfg), tmp_path, **{"loss.top_k": k, "data.max_blocks": 8})
     blocks = load_blocks(full.data, tok)
     labels = ensure_soft_labels(full, source, tok, blocks.train)
-    assert labels.manifest["k"] == len(tok)
+    assert labels.manifest["k"] == len(tok) and labels.manifest["dense"] and labels.indices is None
     batch = {"input_ids": blocks.train[:, :-1], "labels": blocks.train[:, 1:], "block_index": torch.arange(8)}
     dense = online_teacher(teacher, len(tok), torch.device("cpu"), "fp32")(batch)
     sparse = labels.teacher_fn()(batch)
