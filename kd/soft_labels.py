@@ -1,4 +1,4 @@
-"""Teacher soft labels computed once: the teacher's top-k logits for every training token.
+"""Teacher soft labels computed once: the teacher's logits (all, or top-k) for every token.
 
 Every trial of a sweep distils from the same teacher on the same blocks, so its outputs
 are computed once (DESIGN.md) and a trial reads them instead of running the teacher. The
@@ -147,8 +147,9 @@ class TopKTeacher:
     """The teacher's top-k logits for a batch of block ids; a Ray Data callable class.
 
     Constructed once per actor (the teacher loads once), then called with batches
-    ``{"data": (n,) block ids}`` (what ``ray.data.from_numpy`` names its column) and returns ``{"block_index" (n,), "topk_indices" (n, T, k),
-    "topk_values" (n, T, k) fp16}``.
+    ``{"data": (n,) block ids}`` (``ray.data.from_numpy``'s column name); returns
+    ``{"block_index" (n,), "topk_values" (n, T, k) fp16}`` plus ``"topk_indices" (n, T, k)``
+    unless k = V (then the values are every logit, in vocabulary order).
 
     Args:
         teacher_source: a ``save_pretrained`` directory or hub id.
@@ -284,7 +285,8 @@ def write_cache(path: Path, key: dict[str, Any], batches: Iterable[dict[str, np.
                 flush()
         flush()
         if not seen.all():
-            raise SoftLabelsError(f"soft labels: {int((~seen).sum())} of {n_blocks} blocks missing from the teacher pass")
+            raise SoftLabelsError(f"soft labels: {int((~seen).sum())} of {n_blocks} blocks missing "
+                                  "from the teacher pass")
         manifest = {
             "format": FORMAT, "fingerprint": path.name, "key": key, "n_blocks": n_blocks,
             "positions": shape[0], "k": shape[1], "vocab": n_vocab, "dense": shape[1] >= n_vocab,
