@@ -117,6 +117,7 @@ def check_objectives(objectives: list[str]) -> list[tuple[str, str]]:
 #: full:  the default world with the teacher trained twice as long; students at the
 #:        teacher's token budget (STACK.md: compare students at equal token budgets).
 PRESETS: dict[str, dict[str, Any]] = {
+    # smoke keeps the online teacher: its sweeps last seconds and the e2e tests run it.
     "smoke": {  # the tests' tiny config (tests/conftest.py), so they share its teacher
         "data.world_size": "tiny",
         "teacher.n_layer": 2, "teacher.n_embd": 64, "teacher.n_head": 2, "teacher.steps": 150,
@@ -129,9 +130,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         # here); the default world needs 760 (~8 min) and is the full preset's.
         "data.world_size": "small", "teacher.steps": 300,
         "train.steps": 150, "train.eval_every": 50, "train.eval_blocks": 32, "train.warmup_steps": 15,
+        # Soft labels from a dense cache built once per sweep (exact: all V fp16 logits);
+        # trials ran 5.5x faster here (bench/results/soft_label_speed.md).
+        "loss.teacher_mode": "cache",
     },
     "full": {
         "teacher.steps": 1520, "train.steps": 760, "train.eval_every": 95, "train.warmup_steps": 40,
+        "loss.teacher_mode": "cache",
     },
 }
 
