@@ -54,6 +54,9 @@ def _fixed(args) -> dict:
     if args.steps:
         fixed.update({"train.steps": args.steps, "train.eval_every": max(1, args.steps // 3),
                       "train.warmup_steps": max(1, args.steps // 10)})
+    from kd.config import parse_overrides
+
+    fixed.update(parse_overrides(args.overrides))
     return fixed
 
 
@@ -131,17 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperatures", default="2,1,4,8", help="the trials' temperatures (comma-separated)")
     p.add_argument("--trials", type=int, default=0, help="use the first N temperatures (0 = all)")
     p.add_argument("--steps", type=int, default=0, help="train.steps per trial (0 = the demo preset's)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"which ways to run, of {', '.join(MODES)}")
+    p.add_argument("--modes", default="", help=f"which ways to run, of {', '.join(MODES)} (default: all; "
+                   "--quick: the first and the last)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="another fixed setting for every trial, e.g. --set data.world_size=small (repeatable)")
     p.add_argument("--output-dir", default="", help="sweep outputs (default: a temp dir, removed after)")
     p.add_argument("--quick", action="store_true", help="smoke preset, 2 trials, no TorchTrainer: under a minute")
     args = p.parse_args(argv)
     if args.quick:
         args.trials = args.trials or 2
-        if args.modes == ",".join(MODES):
-            args.modes = "tune-in-trial,plain-loop"
+        args.modes = args.modes or "tune-in-trial,plain-loop"
     temps = [float(t) for t in args.temperatures.split(",")][: args.trials or None]
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = [m.strip() for m in (args.modes or ",".join(MODES)).split(",") if m.strip()]
     unknown = set(modes) - set(MODES)
     if unknown:
         p.error(f"--modes: unknown {sorted(unknown)}; choose from {', '.join(MODES)}")
@@ -168,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {mode}: wall {results[mode][0]:.1f} s", flush=True)
 
     cfg = apply_overrides(KDConfig(), fixed)
+    print(f"# load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
+          "(other processes on the machine slow every timing here)")
     print(f"\n# {len(temps)} trials (T = {', '.join(f'{t:g}' for t in temps)}), world={cfg.data.world_size}, "
           f"teacher {cfg.teacher.n_layer}x{cfg.teacher.n_embd}, student {cfg.student.n_layer}x{cfg.student.n_embd}, "
           f"{cfg.train.steps} steps x batch {cfg.train.batch_size}, eval every {cfg.train.eval_every} "
