@@ -18,6 +18,7 @@ their mean and the student's retention of the teacher's mean.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         results.append((name, kd, m))
 
+    print(f"# load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
+          "(other processes on the machine slow every timing here)")
     m0 = results[0][2]
     print(f"\n# world={cfg.data.world_size}, teacher {cfg.teacher.n_layer}x{cfg.teacher.n_embd} "
           f"({m0['teacher_params'] / 1e6:.2f}M params, {cfg.teacher.steps} steps), students "
