@@ -1,4 +1,4 @@
-"""MLflow -> pandas: one row per trial of a sweep, in the layout of docs/CONTRACTS.md.
+"""MLflow -> pandas: one row per trial of a sweep, in the layout of kd/CONTRACTS.md.
 
 Reads only MLflow (no torch, no Ray). Params come back from MLflow as strings; they are
 typed here from the config's declared types (``kd.config.flat_keys``) where the key is a

@@ -1,4 +1,4 @@
-"""MLflow: one parent run per sweep, one child run per trial (docs/CONTRACTS.md).
+"""MLflow: one parent run per sweep, one child run per trial (kd/CONTRACTS.md).
 
 The only module in ``kd`` that imports MLflow. It is called from the sweep driver only
 (:mod:`kd.sweep` feeds it Tune's results), so a sweep has a single MLflow writer: a

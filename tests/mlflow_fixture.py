@@ -1,4 +1,4 @@
-"""A small MLflow store in exactly the layout of docs/CONTRACTS.md, for the analysis tests.
+"""A small MLflow store in exactly the layout of kd/CONTRACTS.md, for the analysis tests.
 
 One experiment (``pareto``) with an older sweep (one child) and the current sweep: a
 parent run with the teacher's ``teacher_*`` metrics and 12 finished children that vary

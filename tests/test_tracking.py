@@ -1,4 +1,4 @@
-"""MLflow layout (docs/CONTRACTS.md): parent and child runs, identity on resume, failures."""
+"""MLflow layout (kd/CONTRACTS.md): parent and child runs, identity on resume, failures."""
 
 from __future__ import annotations
 
