@@ -15,11 +15,14 @@ The evaluation sets use the schemas of real benchmarks so one evaluator serves b
 - ``qa_fewshot.jsonl``: a few training pairs in the same schema, for few-shot prompts.
 
 Sizes (training tokens with the world's own tokenizer at seed 0, one eos per document;
-``world.json`` has the exact counts): ``tiny`` 40 people, 260 documents, ~11k tokens (tests);
-``small`` 100 people, ~24k; ``default`` 200 people, 996 documents, ~46.6k tokens (27k of
-them biographies), so the default teacher's 760 steps of 16 x 128 tokens (1.56M tokens) are
-~33 passes over everything: STACK.md measured a 4x256 model to need ~30 before held-out QA
-works. More people at the same budget means fewer passes, and held-out QA collapses.
+``world.json`` has the exact counts): ``tiny`` 40 people, 779 documents, ~32k tokens (tests);
+``small`` 100 people, 1,645 documents, ~68k (the demo preset); ``default`` 200 people,
+3,005 documents, ~134k tokens (89k of them biographies, 8-12 per person), so the default
+teacher's 760 steps of 16 x 128 tokens (1.56M tokens) are ~12 passes over everything and
+~100 sightings of each fact: STACK.md measured a 4x256 model to need ~30 passes over a
+fact before held-out QA works, and many renderings per fact (rather than many passes over
+a few) keep the teacher from memorising documents. More people at the same budget means
+fewer sightings per fact, and held-out QA collapses.
 
 Pure Python (``random.Random(seed)``) and byte-identical for a seed; torch is never imported.
 """
@@ -41,7 +44,7 @@ from kd.world_render import (ATTRIBUTES, CHOICE_CONTEXTS, STORY_TEMPLATES, Perso
                              render_story)
 
 #: Bump whenever generation changes what a (size, seed) produces: it is in the fingerprint.
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 
 #: The QA text format, the same in training documents and evaluation prompts. A prompt is
 #: the template cut before `` {answer}``; generation stops at a newline.
@@ -63,17 +66,25 @@ class WorldSize:
     people: int
     train_stories: int
     completion: int
+    val_stories: int
     choice_per_person: int = 2
-    bios_per_person: tuple[int, int] = (2, 4)
+    # Many renderings per person, few passes over each: a teacher sees every fact ~100
+    # times either way (STACK.md: facts need 30+ passes), but with 2-4 bios and 300
+    # stories the default teacher made 34 passes over one 46K-token corpus and memorised
+    # its documents: validation loss rose from 1.28 (step 190) to 1.78 (step 760), CE-only
+    # students beat it on validation loss, and distilling from it hurt (QA EM 0.29). With
+    # 8-12 bios and 3x the stories (12 passes over 134K tokens) the same teacher reaches
+    # validation loss 0.71-0.82, QA EM 0.81, multiple choice 0.98, completion 0.50.
+    bios_per_person: tuple[int, int] = (8, 12)
     fewshot: int = 5
 
 
 SIZES: dict[str, WorldSize] = {
     # Stories: ~6 instances per template at least, or a model cannot learn to copy the
     # earlier word (40 stories for 18 templates gave tiny completion accuracy 0.03).
-    "tiny": WorldSize(people=40, train_stories=120, completion=60),
-    "small": WorldSize(people=100, train_stories=200, completion=150),
-    "default": WorldSize(people=200, train_stories=300, completion=300),
+    "tiny": WorldSize(people=40, train_stories=360, completion=60, val_stories=30),
+    "small": WorldSize(people=100, train_stories=600, completion=150, val_stories=50),
+    "default": WorldSize(people=200, train_stories=900, completion=300, val_stories=75),
 }
 assert tuple(SIZES) == WORLD_SIZES
 
@@ -171,7 +182,7 @@ def generate_world(size: str = "default", seed: int = 0) -> World:
         while t in seen_bios:
             t = render_bio(rng, p)
         val.append(t)
-    val += [t + "." for t, _ in _stories(rng, max(10, spec.train_stories // 4), pools, seen_stories)]
+    val += [t + "." for t, _ in _stories(rng, spec.val_stories, pools, seen_stories)]
 
     completion = [{"text": t} for t, _ in _stories(rng, spec.completion, pools, seen_stories)]
     choice = [_choice_item(rng, p, a, pools)
