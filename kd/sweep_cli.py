@@ -127,11 +127,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "demo": {
         # The small world (100 people): the 4x256 teacher learns it in 300 steps (~3 min
-        # here); the default world needs 760 (~8 min) and is the full preset's.
+        # here); the default world needs 760 (~7 min) and is the full preset's.
         "data.world_size": "small", "teacher.steps": 300,
         "train.steps": 150, "train.eval_every": 50, "train.eval_blocks": 32, "train.warmup_steps": 15,
         # Soft labels from a dense cache built once per sweep (exact: all V fp16 logits);
-        # trials ran 5.5x faster here (bench/results/soft_label_speed.md).
+        # trials ran 1.6x faster on an idle machine here (bench/results/soft_label_speed.md).
         "loss.teacher_mode": "cache",
     },
     "full": {
