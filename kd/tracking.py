@@ -18,7 +18,6 @@ from typing import Any, Iterable
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -186,9 +185,3 @@ class Tracker:
     def log_student(self, run_id: str, student_dir: str | os.PathLike) -> None:
         """The student's ``save_pretrained`` directory as artifact ``student/``."""
         self.client.log_artifacts(run_id, str(student_dir), artifact_path="student")
-
-
-def runs_frame(uri: str, experiment: str):
-    """Every run of an experiment as MLflow's DataFrame (for tests and quick checks)."""
-    mlflow.set_tracking_uri(uri)
-    return mlflow.search_runs(experiment_names=[experiment], max_results=50000)

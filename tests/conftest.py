@@ -51,6 +51,19 @@ def cache_root() -> Path:
     return Path(os.environ["KD_CACHE_DIR"])
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` to the environment,
+    and every subprocess a later test starts (a sweep, a bench script) would log there:
+    once as MLflow's default ``sqlite:///mlflow.db`` in the repository. Restore it."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """With ``KD_NO_SKIP=1`` (CI) a skipped test fails: no skip stands in for a missing tool."""

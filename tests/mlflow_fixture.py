@@ -146,6 +146,7 @@ def build_store(root: Path) -> Store:
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     previous = mlflow.get_tracking_uri()
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri exports it
     mlflow.set_tracking_uri(uri)
     try:
         exp_id = client.create_experiment(EXPERIMENT,
@@ -173,6 +174,10 @@ def build_store(root: Path) -> Store:
         store.parent_run_id = parent.info.run_id
     finally:
         mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
     done.write_text(" ".join([store.old_parent_run_id, store.parent_run_id,
                               store.failed_run_id, *store.child_run_ids]))
     return store
