@@ -105,11 +105,11 @@ class LossConfig:
     top_k: int = 0
     """Teacher logits kept per token: 0 = all of them (dense), k > 0 = the top k (online: cut
     per batch; cache: the k it stores). Dense by default, also for the cache, because top-k
-    with the truncated teacher of kd.losses is exact only near T = 1: bench/topk_exactness.py
-    measured a loss error of 27% at T=1 but 3.8x at T=2 and 24x at T=4 for k=128 of V=1744 on
-    the tiny world's teacher (and "dense for T >= 2" on synthetic V=32000 logits), while
-    temperature sweeps span 0.5-20. A dense cache costs 2 bytes x V per token (fp16); set k
-    for vocabularies where that does not fit, and sweep near T = 1."""
+    with the truncated teacher of kd.losses is close to dense only near T = 1: for k = 128
+    bench/topk_exactness.py measured a loss error of 3.5% at T = 1 but 1.5x at T = 2 and 20x
+    at T = 4 on the world's teacher (V = 2048), worse on synthetic V = 32000 logits, while
+    temperature sweeps span 0.5-20 (BENCHMARKS.md). A dense cache costs 2 bytes x V per
+    token (fp16); set k for vocabularies where that does not fit, and sweep near T = 1."""
     teacher_mode: str = "online"
     """``online``: run the teacher on every batch of every trial. ``cache``: read its top-k
     logits from the soft-label cache (:mod:`kd.soft_labels`), built once per teacher, data

@@ -48,12 +48,17 @@ def load_pretrained(source: str, *, trust_remote_code: bool = False) -> tuple[Pr
     model = AutoModelForCausalLM.from_pretrained(
         source, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32
     )
+    return model, load_tokenizer(source, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a hub id or local directory alone, with a pad token."""
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         # Causal LMs often ship without a pad token; batching needs one and eos is the
         # conventional stand-in (padded positions are masked anyway).
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
 
 
 def _get(obj: Any, dotted: str) -> Any:

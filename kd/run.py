@@ -18,7 +18,7 @@ import torch
 
 from kd.config import KDConfig, fingerprint
 from kd.data import load_blocks
-from kd.models import build_student, check_same_tokenizer, load_pretrained
+from kd.models import build_student, check_same_tokenizer, load_pretrained, load_tokenizer
 from kd.paths import cache_dir
 from kd.teacher import ensure_teacher
 from kd.train import Hooks, Report, online_teacher, pick_device, train
@@ -30,16 +30,6 @@ def _world_dir(cfg: KDConfig) -> Path | None:
     from kd.world import ensure_world
 
     return ensure_world(cfg.data.world_size, cfg.data.world_seed)
-
-
-def _load_tokenizer(source: str, trust_remote_code: bool) -> Any:
-    """The teacher's tokenizer alone, as :func:`kd.models.load_pretrained` returns it."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer: Any, cfg: KDConfig) -> dict[str, float]:
@@ -131,7 +121,7 @@ def distill(
         return load_pretrained(teacher_source, trust_remote_code=trust)[0].to(device)
 
     if cached:  # the teacher's weights stay on disk: its soft labels come from the cache
-        teacher, tokenizer = None, _load_tokenizer(teacher_source, trust)
+        teacher, tokenizer = None, load_tokenizer(teacher_source, trust_remote_code=trust)
     else:
         teacher, tokenizer = load_pretrained(teacher_source, trust_remote_code=trust)
     if cfg.student.source:

@@ -281,17 +281,20 @@ def _prepare_soft_labels(fixed: dict[str, Any]) -> None:
     if cfg.loss.teacher_mode != "cache":
         return
     from kd.data import load_blocks
-    from kd.models import load_pretrained
+    from kd.models import load_pretrained, load_tokenizer
     from kd.run import teacher_metrics
     from kd.soft_labels import ensure_soft_labels
     from kd.teacher import ensure_teacher
 
     source = ensure_teacher(cfg)
-    teacher, tokenizer = load_pretrained(source, trust_remote_code=cfg.teacher.trust_remote_code)
+    trust = cfg.teacher.trust_remote_code
+    tokenizer = load_tokenizer(source, trust_remote_code=trust)
     blocks = load_blocks(cfg.data, tokenizer)
+    # The Ray Data actors load their own teacher; this process loads it only when the
+    # reference metrics are not cached yet.
     ensure_soft_labels(cfg, source, tokenizer, blocks.train, backend="ray", progress=True)
-    teacher_metrics(teacher, tokenizer, source, cfg, blocks.val)
-    del teacher
+    teacher_metrics(None, tokenizer, source, cfg, blocks.val,
+                    load=lambda: load_pretrained(source, trust_remote_code=trust)[0])
 
 
 def run_sweep(
