@@ -28,6 +28,7 @@ ARCHS = ("gpt2", "llama")
 INITS = ("random", "teacher")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+COMPILE_MODES = ("auto", "true", "false")
 WORLD_SIZES = ("tiny", "small", "default")
 TEACHER_MODES = ("online", "cache")
 
@@ -139,6 +140,10 @@ class TrainConfig:
     """auto = bf16 autocast where the hardware is fast at it, else fp32."""
     threads: int = 0
     """torch intra-op threads (0 = leave torch's default)."""
+    compile: str = "auto"
+    """``torch.compile`` the student's forward with the loss as one graph: ``true``,
+    ``false``, or ``auto`` (compile when the run has enough steps to repay the compile
+    time; see :mod:`kd.compiled`). Falls back to eager with one warning line if it fails."""
 
 
 @dataclass
@@ -223,6 +228,8 @@ def _coerce(key: str, value: Any, tp: type) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}={value!r} is not allowed: expected a string")
+        if isinstance(value, bool):  # YAML's `compile: true` is a bool; the choice is its spelling
+            return str(value).lower()
         return "" if value is None else str(value)
     return value
 
@@ -367,6 +374,7 @@ def validate(cfg: KDConfig) -> None:
     _check(tr.threads >= 0, "train.threads", tr.threads, "must be >= 0 (0 = torch's default)")
     _check_choice("train.device", tr.device, DEVICES)
     _check_choice("train.precision", tr.precision, PRECISIONS)
+    _check_choice("train.compile", tr.compile, COMPILE_MODES)
 
 
 def fingerprint(obj: Any) -> str:
