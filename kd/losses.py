@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kd.losses_fused import FusedForwardKL
+
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")  # = kd.config.DIVERGENCES
 
@@ -196,16 +198,13 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_IND
         labels: (B, T) or (N,) int; ``ignore_index`` marks masked positions.
 
     Returns:
-        fp32 scalar; 0 (not NaN) when every position is masked.
+        fp32 scalar; 0 (not NaN) when every position is masked. A masked row may hold
+        anything (inf included) without changing the value or putting NaN in the gradient.
     """
     labels = labels.reshape(-1)
-    keep = labels != ignore_index
-    # Select the rows rather than rely on ignore_index alone: a masked row holding inf
-    # would still put NaN into the backward pass. Sum / count rather than
-    # reduction="mean", which is 0/0 = NaN on an all-masked batch.
-    logits = logits.reshape(-1, logits.shape[-1])[keep].float()  # (N, V)
-    total = F.cross_entropy(logits, labels[keep], reduction="sum")
-    return total / keep.sum().clamp(min=1)
+    if ignore_index != IGNORE_INDEX:
+        labels = torch.where(labels == ignore_index, IGNORE_INDEX, labels)
+    return FusedForwardKL.apply(logits.reshape(-1, logits.shape[-1]), labels, None, None, None, 1.0, 0.0)[1]
 
 
 def _check_args(temperature: float, kd_weight: float, divergence: str, jsd_beta: float, skew_alpha: float) -> None:
@@ -255,6 +254,7 @@ def distillation_loss(
     divergence: str = "forward_kl",
     jsd_beta: float = 0.5,
     skew_alpha: float = 0.1,
+    check_indices: bool = True,
 ) -> LossParts:
     """``(1 - kd_weight) * CE + kd_weight * T^2 * D(teacher_T, student_T)``, masked means.
 
@@ -271,6 +271,8 @@ def distillation_loss(
         divergence: one of :data:`DIVERGENCES`.
         jsd_beta: teacher weight in the JSD mixture, in (0, 1).
         skew_alpha: teacher weight in the skew-KL mixture, in [0, 1).
+        check_indices: check that ``topk_indices`` lie in [0, V) (a host sync); callers
+            that checked their soft labels once pass False.
 
     Returns:
         :class:`LossParts` ``(loss, ce, kd)`` of fp32 scalars; ``kd`` includes ``T^2``
@@ -287,9 +289,9 @@ def distillation_loss(
             f"student_logits {tuple(student_logits.shape)} and labels {tuple(labels.shape)} do not line up: "
             "expected logits (B, T, V) and labels (B, T)"
         )
-    ce = cross_entropy(student_logits, labels)
-    if kd_weight == 0:
-        return LossParts(ce, ce, torch.zeros((), dtype=torch.float32, device=ce.device))
+    if kd_weight == 0:  # cross-entropy only: the teacher tensors are never read
+        return LossParts(*FusedForwardKL.apply(student_logits.reshape(-1, student_logits.shape[-1]),
+                                               labels.reshape(-1), None, None, None, temperature, 0.0))
 
     sparse = topk_indices is not None or topk_values is not None
     if teacher_logits is None and not sparse:
@@ -315,29 +317,41 @@ def distillation_loss(
                 f"topk_indices {tuple(topk_indices.shape)} and topk_values {tuple(topk_values.shape)} "
                 f"must both be (B, T, k) with (B, T) = {tuple(labels.shape)}"
             )
+    # (N, V) rows with N = B * T; masked rows stay in and are zeroed by weights below.
+    labels = labels.reshape(-1)
+    keep = labels != IGNORE_INDEX
+    student = student_logits.reshape(-1, vocab)
+    teacher = None if teacher_logits is None else teacher_logits.reshape(-1, vocab)
+    idx = val = None
+    if topk_indices is not None:
+        # A masked row's ids may be anything: point them at token 0 so gather stays in range.
+        idx = torch.where(keep.unsqueeze(-1), topk_indices.reshape(labels.shape[0], -1).long(), 0)
+        val = topk_values.reshape(labels.shape[0], -1)
+        if check_indices:
+            # A host sync buys a readable error instead of a CUDA device-side assert; the
+            # training loop checks its soft labels once instead (check_indices=False).
+            lo, hi = torch.stack(torch.aminmax(idx)).tolist() if idx.numel() else (0, 0)
+            if lo < 0 or hi >= vocab:
+                raise ValueError(
+                    f"topk_indices hold token ids in [{lo}, {hi}] but the student has "
+                    f"{vocab} logits: teacher and student must share a tokenizer; cut the student's logits "
+                    "to the tokenizer length (logits[..., :len(tokenizer)]) and rebuild the soft labels with it"
+                )
+    if divergence == "forward_kl":  # Hinton's loss, the default: one fused node (kd.losses_fused)
+        return LossParts(*FusedForwardKL.apply(student, labels, teacher, idx, val, temperature, kd_weight))
 
-    # Work only on unmasked rows: masked positions may hold anything (padding, inf) and
-    # must change neither the value nor the gradients. (N, V) with N = unmasked tokens.
-    keep = (labels != IGNORE_INDEX).reshape(-1)
-    student = student_logits.reshape(-1, vocab)[keep]
-    if teacher_logits is not None:
-        teacher, idx, val = teacher_logits.reshape(-1, vocab)[keep], None, None
-    else:
-        k = topk_indices.shape[-1]
-        teacher, idx, val = None, topk_indices.reshape(-1, k)[keep], topk_values.reshape(-1, k)[keep]
-        # One host sync per step buys a readable error instead of a CUDA device-side assert.
-        lo, hi = torch.stack(torch.aminmax(idx)).tolist() if idx.numel() else (0, 0)
-        if lo < 0 or hi >= vocab:
-            raise ValueError(
-                f"topk_indices hold token ids in [{lo}, {hi}] but the student has "
-                f"{vocab} logits: teacher and student must share a tokenizer; cut the student's logits "
-                "to the tokenizer length (logits[..., :len(tokenizer)]) and rebuild the soft labels with it"
-            )
-
+    count = keep.sum().clamp(min=1)
+    ce = cross_entropy(student, labels)
+    # Masked rows may hold anything (padding, inf): replace them by zeros before the (N, V)
+    # math, so neither the value nor a gradient (0 * NaN in a softmax backward) sees them.
+    rows = keep.unsqueeze(-1)
+    student = torch.where(rows, student, 0.0)
+    teacher = None if teacher is None else torch.where(rows, teacher, 0.0)
+    val = None if val is None else torch.where(rows, val, 0.0)
     log_p, log_q, tail = _teacher_student_log_probs(student, temperature, teacher, idx, val)
     per_token = divergence_per_token(divergence, log_p, log_q, tail, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
     # The T^2 of the method: undo the 1/T^2 the tempered softmax puts on the gradients.
-    kd = temperature**2 * per_token.sum() / max(per_token.numel(), 1)
+    kd = temperature**2 * torch.where(keep, per_token, 0.0).sum() / count
     if kd_weight == 1:
         return LossParts(kd, ce, kd)
     return LossParts((1 - kd_weight) * ce + kd_weight * kd, ce, kd)

@@ -1,0 +1,98 @@
+"""Cross-entropy + T^2-scaled forward KL in one autograd node: the training loop's hot path.
+
+Autograd on the textbook formulas (:mod:`kd.losses`) keeps a dozen (N, V) fp32 tensors
+alive and runs a backward kernel for each: on the world's students the loss took more
+than half of a training step. The gradient of this loss with respect to the student's
+logits has a closed form,
+
+    d/ds [(1 - a) CE + a T^2 KL(p_T || q_T)] = (1 - a) (q - onehot(y)) + a T (q_T - p_T)
+
+(q = softmax(s), q_T = softmax(s / T), p_T the tempered teacher, per unmasked row, all
+divided by the number of unmasked rows), so the forward pass computes the three
+distributions once, keeps them for the backward, and the backward is two
+multiply-adds. Masked rows (label ``-100``) are excluded by ``torch.where`` on their
+per-row values and gradient rows, never by boolean indexing (which copies (N, V)
+tensors, scatters in the backward and syncs with the device): whatever a masked row
+holds (padding, inf) changes neither the value nor the gradients.
+
+Teacher targets are dense logits (N, V) or top-k raw logits (N, k) at ids (N, k): the
+truncated teacher of :mod:`kd.losses` (softmax over its k kept logits, 0 elsewhere), so
+the sparse gradient is the dense one with p_T scattered onto the k ids. Values and
+gradients equal :func:`kd.losses.distillation_loss`'s reference path (tests/test_losses.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _kl_rows(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+    """(KL(p || q) per row, p) from log-probs; ``log_p`` is overwritten with p.
+
+    In place where it can be: on a CPU every fresh (N, V) buffer costs page faults, and
+    they, not the arithmetic, were most of this loss's time. A -inf teacher logit (a
+    masked vocabulary entry) has p = 0 and adds 0, not 0 * inf = NaN.
+    """
+    diff = log_p - log_q  # (N, V)
+    p = log_p.exp_()
+    diff.nan_to_num_(nan=0.0, neginf=0.0)  # only where p = 0 (log p = -inf)
+    # Row-wise dot products as a batched matmul: no (N, V) product is materialised.
+    return torch.bmm(p.unsqueeze(1), diff.unsqueeze(2)).reshape(-1), p
+
+
+class FusedForwardKL(torch.autograd.Function):
+    """``(loss, ce, kd)`` of ``(1 - a) CE + a T^2 KL(p_T || q_T)`` over unmasked rows.
+
+    Inputs: student logits (N, V) any float dtype; labels (N,) int64 with ``-100`` masked;
+    the teacher as dense logits (N, V) or as ``idx``/``val`` (N, k); ``temperature`` T > 0;
+    ``kd_weight`` a in [0, 1] (0: CE only, the teacher is never read). Outputs are fp32
+    scalars; the gradient flows to the student logits only (the teacher is a target).
+    """
+
+    @staticmethod
+    def forward(ctx, student: Tensor, labels: Tensor, teacher: Tensor | None, idx: Tensor | None,
+                val: Tensor | None, temperature: float, kd_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+        keep = labels != -100  # (N,)
+        count = keep.sum().clamp(min=1).to(torch.float32)
+        safe_labels = torch.where(keep, labels, 0).unsqueeze(-1)  # (N, 1): gather needs a valid id
+        s = student.float()
+        log_q = torch.log_softmax(s, dim=-1)  # (N, V)
+        ce = torch.where(keep, -log_q.gather(-1, safe_labels).squeeze(-1), 0.0).sum() / count
+        kd = torch.zeros((), dtype=torch.float32, device=s.device)
+        q_t = p = None
+        if kd_weight > 0:
+            T = temperature
+            log_q_t = log_q if T == 1.0 else torch.log_softmax(s / T, dim=-1)
+            if teacher is not None:
+                log_p = torch.log_softmax(teacher.to(torch.float32, copy=True).div_(T), dim=-1)  # (N, V)
+                kd_rows, p = _kl_rows(log_p, log_q_t)
+            else:  # the truncated teacher on its k kept ids
+                log_p = torch.log_softmax(val.to(torch.float32, copy=True).div_(T), dim=-1)  # (N, k)
+                kd_rows, p = _kl_rows(log_p, log_q_t.gather(-1, idx))
+            kd = T * T * torch.where(keep, kd_rows, 0.0).sum() / count
+            q_t = log_q_t.exp() if T == 1.0 else log_q_t.exp_()  # T = 1: log_q is needed below
+        q = log_q.exp_()
+        # Three distinct outputs (an autograd Function may not return one tensor twice).
+        loss = ce.clone() if kd_weight == 0 else kd.clone() if kd_weight == 1 else (1 - kd_weight) * ce + kd_weight * kd
+        ctx.save_for_backward(q, q_t, p, safe_labels, keep, count, idx)
+        ctx.temperature, ctx.kd_weight, ctx.student_dtype = temperature, kd_weight, student.dtype
+        return loss, ce, kd
+
+    @staticmethod
+    def backward(ctx, g_loss: Tensor, g_ce: Tensor, g_kd: Tensor):
+        q, q_t, p, safe_labels, keep, count, idx = ctx.saved_tensors
+        a, T = ctx.kd_weight, ctx.temperature
+        # Each output's weight on the CE and KD parts; unused outputs arrive as zeros.
+        w_ce = ((1 - a) * g_loss + g_ce) / count
+        grad = q.mul_(w_ce)  # (N, V), in q's buffer (saved for this backward only): q - onehot(y)
+        grad.scatter_add_(-1, safe_labels, (-w_ce).expand(safe_labels.shape).contiguous())
+        if q_t is not None:
+            w_kd = (a * g_loss + g_kd) * T / count  # d(T^2 KL)/ds = T (q_T - p_T)
+            grad.addcmul_(q_t, w_kd)
+            if idx is None:
+                grad.addcmul_(p, -w_kd)
+            else:
+                grad.scatter_add_(-1, idx, p * -w_kd)
+        grad.masked_fill_(~keep.unsqueeze(-1), 0.0)  # masked rows: whatever they held, no gradient
+        return grad.to(ctx.student_dtype), None, None, None, None, None, None
