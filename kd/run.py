@@ -21,7 +21,8 @@ from kd.data import load_blocks
 from kd.models import build_student, check_same_tokenizer, load_pretrained, load_tokenizer
 from kd.paths import cache_dir
 from kd.teacher import ensure_teacher
-from kd.train import Hooks, Report, online_teacher, pick_device, train
+from kd.device import pick_device, use_threads
+from kd.train import Hooks, Report, online_teacher, train
 
 
 def _world_dir(cfg: KDConfig) -> Path | None:
@@ -110,8 +111,7 @@ def distill(
     preflight(cfg)
     out = Path(cfg.output_dir)
     device = hooks.device or pick_device(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    use_threads(cfg.train.threads)
 
     teacher_source = ensure_teacher(cfg, progress=progress)
     trust = cfg.teacher.trust_remote_code

@@ -9,13 +9,13 @@ where it stopped (same batches, same learning rate, same optimizer state).
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,8 +27,9 @@ from safetensors.torch import load_model, save_model
 from torch.utils.data import DataLoader, TensorDataset
 
 from kd.config import LossConfig, TrainConfig
-from kd.losses import distillation_loss
+from kd.device import autocast_for, pick_device, use_threads
 from kd.models import logits_for
+from kd.step import compiled, should_compile, step_loss
 
 Report = Callable[[dict[str, float], "str | None"], None]
 TeacherFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -61,48 +62,6 @@ class State:
     tokens: int = 0
     train_time_s: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- device
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device='cuda' is not allowed here: no CUDA device is visible")
-    return torch.device(name)
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_bf16_is_fast() -> bool:
-    """Whether bf16 matmuls beat fp32 on this CPU (a 20 ms probe, once per process).
-
-    CPUs with AMX/AVX512-BF16 run bf16 about 2x faster than fp32; CPUs without them
-    emulate it and run it 10-100x slower (measured on an AVX2 EPYC). So ``auto`` asks.
-    """
-    a = torch.randn(256, 256)
-    xs = {dt: a.to(dt) for dt in (torch.float32, torch.bfloat16)}
-    timings = dict.fromkeys(xs, float("inf"))
-    # Interleaved rounds and the minimum of each: on a busy machine one preempted fp32
-    # round must not make emulated bf16 (100x slower) look faster.
-    for _ in range(5):
-        for dt, x in xs.items():
-            x @ x
-            t = time.perf_counter()
-            x @ x
-            timings[dt] = min(timings[dt], time.perf_counter() - t)
-    return timings[torch.bfloat16] < 0.8 * timings[torch.float32]
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast where asked or (``auto``) where the hardware is fast at it."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and (
-        (device.type == "cuda" and torch.cuda.is_bf16_supported())
-        or (device.type == "cpu" and _cpu_bf16_is_fast())))
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------- data
@@ -290,8 +249,7 @@ def train(
     hooks = hooks or Hooks()
     if loss_cfg.kd_weight > 0 and teacher is None:
         raise ValueError(f"loss.kd_weight={loss_cfg.kd_weight} needs a teacher; use 0 for cross-entropy only")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = hooks.device or pick_device(cfg.device)
     model = hooks.wrap_model(model.to(device))
@@ -303,6 +261,9 @@ def train(
         state = load_checkpoint(Path(resume_from), model, opt, sched, device)
     eval_blocks = val_blocks[: cfg.eval_blocks] if cfg.eval_blocks else val_blocks
     batches = _batches(train_blocks, cfg, hooks, state.step)
+    forward_loss = step_loss(model, n_vocab, loss_cfg, device, cfg.precision)
+    if should_compile(cfg.compile, cfg.steps - state.step, hooks.world_size):
+        forward_loss = compiled(forward_loss)
     bar = None
     if progress and hooks.rank == 0:
         from tqdm import tqdm
@@ -310,55 +271,95 @@ def train(
         bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 10.0)  # quiet in logs
 
-    sums = {"train_loss": 0.0, "ce_loss": 0.0, "kd_loss": 0.0}
-    n_sum, metrics = 0, dict(state.history[-1]) if state.history else {}
-    while state.step < cfg.steps:
-        t0 = time.perf_counter()
-        batch = {k: v.to(device) for k, v in next(batches).items()}
-        targets = teacher(batch) if (teacher is not None and loss_cfg.kd_weight > 0) else {}
-        with autocast_for(device, cfg.precision):
-            logits = logits_for(model, batch["input_ids"], n_vocab)
-        parts = distillation_loss(
-            logits, batch["labels"], **targets, temperature=loss_cfg.temperature, kd_weight=loss_cfg.kd_weight,
-            divergence=loss_cfg.divergence, jsd_beta=loss_cfg.jsd_beta, skew_alpha=loss_cfg.skew_alpha,
-        )
-        if not torch.isfinite(parts.loss):
-            raise FloatingPointError(f"loss is {parts.loss.item()} at step {state.step}; lower train.lr "
-                                     f"(now {cfg.lr}) or check the data")
-        opt.zero_grad(set_to_none=True)
-        parts.loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        state.step += 1
-        state.tokens += batch["labels"].numel() * hooks.world_size
-        state.train_time_s += time.perf_counter() - t0
-        sums["train_loss"] += parts.loss.item()
-        sums["ce_loss"] += parts.ce.item()
-        sums["kd_loss"] += float(parts.kd.detach())
-        n_sum += 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{parts.loss.item():.3f}")
-        if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
-            val = validation_loss(model, eval_blocks, n_vocab, device=device, precision=cfg.precision)
-            metrics = {
-                "step": state.step,
-                "val_loss": val,
-                "val_ppl": math.exp(min(val, 50.0)),
-                **{k: v / n_sum for k, v in sums.items()},
-                "tokens_per_s": state.tokens / max(state.train_time_s, 1e-9),
-                "train_time_s": state.train_time_s,
-                "lr": sched.get_last_lr()[0],
-            }
-            state.history.append(metrics)
-            sums, n_sum = dict.fromkeys(sums, 0.0), 0
-            ckpt = None
-            if checkpoint_dir is not None and hooks.rank == 0:
-                ckpt = str(save_checkpoint(Path(checkpoint_dir) / "checkpoint", model, opt, sched, state))
-            if report is not None:
-                report(metrics, ckpt)
+    def save() -> str | None:
+        if checkpoint_dir is None or hooks.rank != 0:
+            return None
+        return str(save_checkpoint(Path(checkpoint_dir) / "checkpoint", model, opt, sched, state))
+
+    # Logged losses accumulate on the device: reading one back every step would wait for
+    # the step to finish (a host sync), which on a GPU stalls the queue of kernels.
+    sums = torch.zeros(3, dtype=torch.float32, device=device)  # train_loss, ce_loss, kd_loss
+    n_sum, checked_sum, checked_step = 0, 0.0, state.step
+    metrics = dict(state.history[-1]) if state.history else {}
+    with _deferred_interrupt() as interrupted:
+        while state.step < cfg.steps:
+            t0 = time.perf_counter()
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            targets = teacher(batch) if (teacher is not None and loss_cfg.kd_weight > 0) else {}
+            parts = forward_loss(batch["input_ids"], batch["labels"], targets)
+            opt.zero_grad(set_to_none=True)
+            parts.loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            sums += torch.stack([p.detach() for p in parts])
+            state.step += 1
+            state.tokens += batch["labels"].numel() * hooks.world_size
+            state.train_time_s += time.perf_counter() - t0
+            n_sum += 1
+            if bar is not None:
+                bar.update(1)
+            evaluating = state.step % cfg.eval_every == 0 or state.step == cfg.steps
+            if evaluating or state.step % FINITE_CHECK_EVERY == 0:
+                # A NaN loss poisons the weights through every later step: look at most
+                # FINITE_CHECK_EVERY steps after it, not at every step.
+                total = float(sums[0])
+                if not math.isfinite(total - checked_sum):
+                    raise FloatingPointError(
+                        f"loss is {total - checked_sum} within steps {checked_step + 1}-{state.step}; "
+                        f"lower train.lr (now {cfg.lr}) or check the data")
+                checked_sum, checked_step = total, state.step
+            if evaluating:
+                val = validation_loss(model, eval_blocks, n_vocab, device=device, precision=cfg.precision)
+                means = (sums / n_sum).tolist()
+                metrics = {
+                    "step": state.step,
+                    "val_loss": val,
+                    "val_ppl": math.exp(min(val, 50.0)),
+                    "train_loss": means[0], "ce_loss": means[1], "kd_loss": means[2],
+                    "tokens_per_s": state.tokens / max(state.train_time_s, 1e-9),
+                    "train_time_s": state.train_time_s,
+                    "lr": sched.get_last_lr()[0],
+                }
+                state.history.append(metrics)
+                sums.zero_()
+                n_sum, checked_sum = 0, 0.0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{means[0]:.3f}", val=f"{val:.3f}", refresh=False)
+                ckpt = save()
+                if report is not None:
+                    report(metrics, ckpt)
+            if interrupted():
+                # Ctrl-C: stop between steps, where the checkpoint is exact, and keep it.
+                saved = ckpt if evaluating else save()
+                raise KeyboardInterrupt(f"interrupted at step {state.step}"
+                                        + (f"; checkpoint {saved}" if saved else ""))
     if bar is not None:
         bar.close()
     return metrics
+
+
+#: Steps between two checks that the accumulated loss is finite (each is one host sync).
+FINITE_CHECK_EVERY = 10
+
+
+class _deferred_interrupt:
+    """Within the block, SIGINT sets a flag instead of raising at an arbitrary line.
+
+    The loop then stops between two steps, where model, optimizer, scheduler and step
+    count agree, and saves a checkpoint that resumes exactly. Only the main thread may
+    set signal handlers (a Ray trial runs the loop in a thread): there, nothing changes.
+    """
+
+    def __enter__(self) -> Callable[[], bool]:
+        self.flag = threading.Event()
+        self.old = None
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.old = signal.signal(signal.SIGINT, lambda *_: self.flag.set())
+        return self.flag.is_set
+
+    def __exit__(self, *exc) -> None:
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)

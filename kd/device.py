@@ -1,0 +1,85 @@
+"""Where and how torch runs: device, intra-op threads, bf16 autocast, the compile cache.
+
+One module for what the training loop, the soft-label builder, evaluation and the sweep
+trials each set up, so that a process is configured the same way wherever it starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+
+import torch
+
+from kd.paths import cache_dir
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` (CUDA when visible, else CPU), ``cpu`` or ``cuda``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device='cuda' is not allowed here: no CUDA device is visible")
+    return torch.device(name)
+
+
+def use_threads(n: int) -> None:
+    """Set torch's intra-op threads when ``n`` > 0 (0 leaves torch's default).
+
+    Ray sets ``OMP_NUM_THREADS=1`` in its workers, so a trial or a Ray Data actor that
+    wants more must say so; torch reads the setting per call, so setting it twice is free.
+    """
+    if n and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_is_fast() -> bool:
+    """Whether bf16 matmuls beat fp32 on this CPU (a 20 ms probe, once per process).
+
+    CPUs with AMX/AVX512-BF16 run bf16 about 2x faster than fp32; CPUs without them
+    emulate it and run it 10-100x slower (measured on an AVX2 EPYC), and an AVX-512 Xeon
+    without AMX ran it at half the fp32 speed. So ``auto`` asks.
+    """
+    a = torch.randn(256, 256)
+    xs = {dt: a.to(dt) for dt in (torch.float32, torch.bfloat16)}
+    timings = dict.fromkeys(xs, float("inf"))
+    # Interleaved rounds and the minimum of each: on a busy machine one preempted fp32
+    # round must not make emulated bf16 (100x slower) look faster.
+    for _ in range(5):
+        for dt, x in xs.items():
+            x @ x
+            t = time.perf_counter()
+            x @ x
+            timings[dt] = min(timings[dt], time.perf_counter() - t)
+    return timings[torch.bfloat16] < 0.8 * timings[torch.float32]
+
+
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """Whether ``precision`` (``auto``, ``fp32``, ``bf16``) means bf16 autocast on ``device``."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_bf16_is_fast()
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast where asked or (``auto``) where the hardware is fast at it."""
+    if not uses_bf16(device, precision):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def use_compile_cache() -> str:
+    """Point inductor's on-disk cache into the project's cache directory; return it.
+
+    A cold ``torch.compile`` of a student's step costs about 20 s here; with this cache
+    warm a new process pays about 3 s, so every trial of a sweep after the first, and every
+    later sweep, reuses the kernels (a user's own ``TORCHINDUCTOR_CACHE_DIR`` wins).
+    """
+    path = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    os.makedirs(path, exist_ok=True)
+    return path

@@ -1,0 +1,79 @@
+"""The student's forward pass and the loss as one function, compiled where it pays.
+
+``torch.compile`` of the model alone gained 5-13% on this project's students; of the
+forward and the distillation loss as one graph it gained 2.3x (the loss is elementwise
+work over (N, V) logits that inductor fuses into a few loops, and it sees the logits'
+producer and consumer together). Compiling costs about 20 s cold and about 3 s in a new
+process once inductor's cache on disk is warm (:func:`kd.device.use_compile_cache`), so
+``train.compile=auto`` compiles only runs long enough to repay it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+
+from kd.config import LossConfig
+from kd.device import autocast_for, use_compile_cache
+from kd.losses import LossParts, distillation_loss
+from kd.models import logits_for
+
+StepLoss = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], LossParts]
+
+#: ``train.compile=auto`` compiles runs of at least this many steps: at the demo shapes a
+#: compiled step saved ~60% of ~0.15 s, so a warm-cache compile (~3 s) is repaid after
+#: ~35 steps and a cold one (~20 s) after ~200 (BENCHMARKS.md, bench/train_throughput.py).
+AUTO_COMPILE_MIN_STEPS = 100
+
+
+def should_compile(mode: str, steps: int, world_size: int = 1) -> bool:
+    """``train.compile``: ``true``, ``false``, or ``auto`` (long single-process runs only).
+
+    ``auto`` leaves multi-worker (DDP) runs eager: DDP splits a compiled graph at its
+    gradient buckets and the gain was not measured here.
+    """
+    if mode in ("true", "false"):
+        return mode == "true"
+    return steps >= AUTO_COMPILE_MIN_STEPS and world_size == 1
+
+
+def step_loss(model: torch.nn.Module, n_vocab: int, loss_cfg: LossConfig, device: torch.device,
+              precision: str) -> StepLoss:
+    """``fn(input_ids (B, T), labels (B, T), targets) -> LossParts``: forward + loss, eager."""
+
+    def fn(input_ids: torch.Tensor, labels: torch.Tensor, targets: dict[str, torch.Tensor]) -> LossParts:
+        with autocast_for(device, precision):
+            logits = logits_for(model, input_ids, n_vocab)  # (B, T, V)
+        return distillation_loss(
+            logits, labels, **targets, temperature=loss_cfg.temperature, kd_weight=loss_cfg.kd_weight,
+            divergence=loss_cfg.divergence, jsd_beta=loss_cfg.jsd_beta, skew_alpha=loss_cfg.skew_alpha,
+            check_indices=False,  # soft labels are checked once, where they are loaded
+        )
+
+    return fn
+
+
+def compiled(fn: StepLoss) -> StepLoss:
+    """``fn`` under ``torch.compile``, falling back to ``fn`` itself (one warning line) if
+    compiling fails on this machine (no C++ compiler, an unsupported model)."""
+    use_compile_cache()
+    # dynamic=False: every training batch has the same shape (drop_last), so one graph.
+    graph = torch.compile(fn, dynamic=False)
+    state = {"fn": graph, "checked": False}
+
+    def run(input_ids: torch.Tensor, labels: torch.Tensor, targets: dict[str, torch.Tensor]) -> LossParts:
+        if state["checked"]:
+            return state["fn"](input_ids, labels, targets)
+        try:
+            out = graph(input_ids, labels, targets)
+        except Exception as e:  # compilation happens on the first call
+            print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  "training eagerly (set train.compile=false to skip the attempt)", file=sys.stderr, flush=True)
+            state["fn"] = fn
+            out = fn(input_ids, labels, targets)
+        state["checked"] = True
+        return out
+
+    return run
