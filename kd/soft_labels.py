@@ -43,7 +43,6 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-from safetensors.numpy import load as load_numpy
 from safetensors.numpy import save as save_numpy
 
 from kd.config import KDConfig, fingerprint
@@ -162,15 +161,14 @@ class TopKTeacher:
 
     def __init__(self, teacher_source: str, blocks: Any, n_vocab: int, k: int, precision: str = "auto",
                  threads: int = 0, device: str = "auto", trust_remote_code: bool = False):
+        from kd.device import pick_device, use_threads
         from kd.models import load_pretrained
-        from kd.train import pick_device
 
         if not isinstance(blocks, torch.Tensor):  # an ObjectRef shipped to a Ray actor
             import ray
 
             blocks = ray.get(blocks)
-        if threads:
-            torch.set_num_threads(threads)
+        use_threads(threads)
         self.blocks, self.n_vocab, self.k, self.precision = blocks, n_vocab, k, precision
         self.device = pick_device(device)
         model, _ = load_pretrained(teacher_source, trust_remote_code=trust_remote_code)
@@ -180,8 +178,8 @@ class TopKTeacher:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from kd.device import autocast_for
         from kd.models import logits_for
-        from kd.train import autocast_for
 
         ids = np.asarray(batch["data"], dtype=np.int64)
         out_i, out_v = [], []
@@ -255,6 +253,11 @@ def write_cache(path: Path, key: dict[str, Any], batches: Iterable[dict[str, np.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
+    # mkdtemp makes it 0700; a cache on shared storage must be readable by the cluster's
+    # other nodes (and users), as the umask allows for any directory.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     shards: list[dict[str, Any]] = []
     pending: list[dict[str, np.ndarray]] = []
     seen = np.zeros(n_blocks, dtype=bool)
@@ -318,32 +321,103 @@ def _publish(tmp: Path, path: Path) -> None:
 # ------------------------------------------------------------------------ reading
 
 
+_SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "I16": np.int16, "I32": np.int32, "I64": np.int64}
+
+
+def _memmap_safetensors(file: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a read-only ``np.memmap``: nothing is copied.
+
+    The format is an 8-byte little-endian header length, a JSON header with each tensor's
+    dtype, shape and byte range, then the data. safetensors' own loaders return copies
+    (``load``) or per-tensor reads; a memory map lets every trial of a sweep share the
+    same page-cache pages and read only the rows it asks for.
+    """
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        shape = tuple(info["shape"])
+        if end - start != dtype.itemsize * int(np.prod(shape)):
+            raise ValueError(f"tensor {name}: {end - start} bytes for shape {shape} {dtype}")
+        out[name] = np.memmap(file, dtype=dtype, mode="r", offset=8 + n + start, shape=shape)
+    return out
+
+
 @dataclass
 class SoftLabels:
-    """A verified cache loaded in memory: ``values`` (N, T, k) and ``indices`` (N, T, k), or
-    None when the cache is dense (k = V, values in vocabulary order), by block id."""
+    """A verified cache, memory-mapped: the teacher's targets for any block ids on demand.
+
+    Nothing is loaded up front; :meth:`lookup` copies only the rows a batch asks for, so a
+    trial holds one batch of targets, not the cache (265 MB dense on the demo world).
+    A published cache is never written again (a rebuild publishes a new directory), so
+    what the map shows is what was verified.
+    """
 
     path: Path
     manifest: dict[str, Any]
-    indices: torch.Tensor | None
-    values: torch.Tensor
+    shards: list[dict[str, np.ndarray]]
+    """Per shard file: ``topk_values`` (n, T, k) and, unless dense, ``topk_indices``."""
+    shard_of: np.ndarray
+    """(N,) which shard holds each block id."""
+    row_of: np.ndarray
+    """(N,) the block's row in that shard."""
+
+    @property
+    def dense(self) -> bool:
+        """All V logits in vocabulary order (k = V), so no ids are stored."""
+        return bool(self.manifest["dense"])
+
+    def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(values (b, T, k) fp16, indices (b, T, k) or None when dense)`` for block ids (b,)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        _, t, k = self.manifest["shape"]
+        values = np.empty((len(ids), t, k), dtype=np.float16)
+        indices = None if self.dense else np.empty((len(ids), t, k), dtype=np.dtype(self.manifest["index_dtype"]))
+        which = self.shard_of[ids]
+        for shard in np.unique(which):
+            at = np.flatnonzero(which == shard)
+            rows = self.row_of[ids[at]]
+            values[at] = self.shards[shard]["topk_values"][rows]
+            if indices is not None:
+                indices[at] = self.shards[shard]["topk_indices"][rows]
+        return values, indices
+
+    @property
+    def values(self) -> torch.Tensor:
+        """Every block's values (N, T, k) in memory: for inspection and tests, not trials."""
+        return torch.from_numpy(self.lookup(np.arange(self.manifest["n_blocks"]))[0])
+
+    @property
+    def indices(self) -> torch.Tensor | None:
+        """Every block's ids (N, T, k), or None when dense: for inspection and tests."""
+        idx = self.lookup(np.arange(self.manifest["n_blocks"]))[1]
+        return None if idx is None else torch.from_numpy(idx)
 
     def teacher_fn(self, device: torch.device | None = None) -> TeacherFn:
         """A :data:`kd.train.TeacherFn` that looks a batch's targets up by ``block_index``."""
 
         def fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            ids = batch["block_index"].cpu()
             dev = device or batch["input_ids"].device
-            if self.indices is None:  # dense: the exact loss of the online teacher (fp16 logits)
-                return {"teacher_logits": self.values[ids].to(dev, non_blocking=True)}
-            return {"topk_indices": self.indices[ids].to(dev, non_blocking=True),
-                    "topk_values": self.values[ids].to(dev, non_blocking=True)}
+            values, indices = self.lookup(batch["block_index"].cpu().numpy())
+            if indices is None:  # dense: the exact loss of the online teacher (fp16 logits)
+                return {"teacher_logits": torch.from_numpy(values).to(dev, non_blocking=True)}
+            return {"topk_indices": torch.from_numpy(indices).to(dev, non_blocking=True),
+                    "topk_values": torch.from_numpy(values).to(dev, non_blocking=True)}
 
         return fn
 
 
 def _fail(path: Path, why: str) -> SoftLabelsError:
     return SoftLabelsError(f"soft-label cache {path} is not usable: {why}")
+
+
+#: What a manifest must hold, with the types a reader relies on.
+_MANIFEST_FIELDS = {"fingerprint": str, "key": dict, "n_blocks": int, "shape": list, "dense": bool, "shards": list}
 
 
 def read_manifest(path: Path, key: dict[str, Any]) -> dict[str, Any]:
@@ -354,41 +428,54 @@ def read_manifest(path: Path, key: dict[str, Any]) -> dict[str, Any]:
         raise _fail(path, f"no {MANIFEST}") from None
     except (OSError, ValueError) as e:
         raise _fail(path, f"unreadable {MANIFEST} ({e})") from None
+    if not isinstance(manifest, dict):
+        raise _fail(path, f"{MANIFEST} is not a JSON object")
+    for name, tp in _MANIFEST_FIELDS.items():
+        if not isinstance(manifest.get(name), tp):
+            raise _fail(path, f"{MANIFEST} has no valid {name!r}")
     want = fingerprint(key)
-    if manifest.get("fingerprint") != want or manifest.get("key") != key:
-        diff = sorted(k for k in key if (manifest.get("key") or {}).get(k) != key[k])
-        raise _fail(path, f"fingerprint mismatch (cache {manifest.get('fingerprint')}, expected {want}; "
+    if manifest["fingerprint"] != want or manifest["key"] != key:
+        diff = sorted(k for k in key if manifest["key"].get(k) != key[k])
+        raise _fail(path, f"fingerprint mismatch (cache {manifest['fingerprint']}, expected {want}; "
                           f"differs in {', '.join(diff) or 'fingerprint'})")
     return manifest
 
 
 def load_soft_labels(path: str | os.PathLike, key: dict[str, Any]) -> SoftLabels:
-    """Load and verify a cache: manifest key, every shard's sha256, every block exactly once."""
+    """Open and verify a cache: manifest key, every shard's sha256, every block exactly once.
+
+    Every shard is checksummed (streamed from disk) before any of its data is used, then
+    memory-mapped; no shard is copied into this process.
+    """
     path = Path(path)
     manifest = read_manifest(path, key)
     n, t, k = manifest["shape"]
-    indices = None if manifest["dense"] else np.empty((n, t, k), dtype=np.dtype(manifest["index_dtype"]))
-    values = np.empty((n, t, k), dtype=np.float16)
-    seen = np.zeros(n, dtype=bool)
-    for shard in manifest["shards"]:
+    shard_of = np.full(n, -1, dtype=np.int32)
+    row_of = np.zeros(n, dtype=np.int64)
+    shards = []
+    for number, shard in enumerate(manifest["shards"]):
+        file = path / str(shard.get("file", ""))
         try:
-            data = (path / shard["file"]).read_bytes()
+            digest = _sha256_file(file)  # streamed: a shard is never held in memory whole
         except OSError as e:
-            raise _fail(path, f"shard {shard['file']} unreadable ({e.strerror})") from None
-        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            raise _fail(path, f"shard {shard.get('file')} unreadable ({e.strerror})") from None
+        if digest != shard.get("sha256"):
             raise _fail(path, f"shard {shard['file']} fails its sha256 check (corrupted)")
-        tensors = load_numpy(data)
-        ids = tensors["block_index"]
-        if tensors["topk_values"].shape != (len(ids), t, k) or seen[ids].any() \
-                or (indices is not None and tensors["topk_indices"].shape != (len(ids), t, k)):
+        try:
+            tensors = _memmap_safetensors(file)
+        except (OSError, ValueError, KeyError) as e:
+            raise _fail(path, f"shard {shard['file']} is not a valid safetensors file ({e})") from None
+        ids = np.asarray(tensors.get("block_index", np.empty(0, dtype=np.int64)))
+        bad_ids = len(ids) == 0 or ids.min() < 0 or ids.max() >= n
+        if bad_ids or tensors["topk_values"].shape != (len(ids), t, k) or (shard_of[ids] >= 0).any() \
+                or (not manifest["dense"] and tensors.get("topk_indices", np.empty(0)).shape != (len(ids), t, k)):
             raise _fail(path, f"shard {shard['file']} does not match the manifest")
-        seen[ids] = True
-        values[ids] = tensors["topk_values"]
-        if indices is not None:
-            indices[ids] = tensors["topk_indices"]
-    if not seen.all():
-        raise _fail(path, f"{int((~seen).sum())} of {n} blocks missing")
-    return SoftLabels(path, manifest, None if indices is None else torch.from_numpy(indices), torch.from_numpy(values))
+        shard_of[ids] = number
+        row_of[ids] = np.arange(len(ids))
+        shards.append(tensors)
+    if (shard_of < 0).any():
+        raise _fail(path, f"{int((shard_of < 0).sum())} of {n} blocks missing")
+    return SoftLabels(path, manifest, shards, shard_of, row_of)
 
 
 # ---------------------------------------------------------------------- the entry
@@ -436,7 +523,7 @@ def ensure_soft_labels(
 
 
 def _checked(labels: SoftLabels, train_blocks: torch.Tensor) -> SoftLabels:
-    n, t, _ = labels.values.shape
+    n, t, _ = labels.manifest["shape"]
     if (n, t + 1) != tuple(train_blocks.shape):
         raise _fail(labels.path, f"it covers {n} blocks of {t + 1} tokens, the data has {tuple(train_blocks.shape)}")
     return labels

@@ -165,6 +165,8 @@ def small_cache(world, tmp_path):
 
 def test_corrupted_shard_is_detected_then_rebuilt(small_cache, capfd):
     cfg, source, tok, blocks, labels = small_cache
+    # The reader memory-maps its shards, so keep the good values before damaging the file.
+    good_values, good_indices = labels.values.clone(), labels.indices.clone()
     shard = labels.path / labels.manifest["shards"][0]["file"]
     data = bytearray(shard.read_bytes())
     data[-100] ^= 0xFF  # one flipped byte inside the fp16 values
@@ -176,7 +178,7 @@ def test_corrupted_shard_is_detected_then_rebuilt(small_cache, capfd):
         ensure_soft_labels(cfg, source, tok, blocks.train, on_bad="raise")
     rebuilt = ensure_soft_labels(cfg, source, tok, blocks.train)
     assert "fails its sha256 check (corrupted); rebuilding it" in capfd.readouterr().err
-    assert torch.equal(rebuilt.values, labels.values) and torch.equal(rebuilt.indices, labels.indices)
+    assert torch.equal(rebuilt.values, good_values) and torch.equal(rebuilt.indices, good_indices)
     load_soft_labels(labels.path, labels.manifest["key"])  # good again
 
 
@@ -200,6 +202,44 @@ def test_fingerprint_mismatch_is_refused_or_rebuilt(small_cache, tmp_path):
     weights[name] = weights[name] + 1e-3
     save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
     assert weights_fingerprint(str(copy)) != weights_fingerprint(source)
+
+
+@pytest.mark.parametrize("damage", ["no shards", "shards not a list", "not an object"])
+def test_broken_manifest_is_refused_in_one_line_then_rebuilt(small_cache, damage):
+    cfg, source, tok, blocks, labels = small_cache
+    manifest = json.loads((labels.path / MANIFEST).read_text())
+    if damage == "no shards":
+        del manifest["shards"]
+    elif damage == "shards not a list":
+        manifest["shards"] = "shard-00000.safetensors"
+    else:
+        manifest = [manifest]
+    (labels.path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(SoftLabelsError) as e:
+        ensure_soft_labels(cfg, source, tok, blocks.train, on_bad="raise")
+    assert "\n" not in str(e.value) and "manifest.json" in str(e.value)
+    rebuilt = ensure_soft_labels(cfg, source, tok, blocks.train)
+    assert isinstance(rebuilt.manifest["shards"], list) and rebuilt.manifest["key"] == labels.manifest["key"]
+
+
+def test_reader_maps_the_shards_and_copies_only_the_rows_asked_for(world):
+    *_, labels = world
+    values = labels.shards[0]["topk_values"]
+    assert isinstance(values, np.memmap) and not values.flags.writeable  # no copy of the cache
+    ids = np.array([5, 0, 5])
+    got_values, got_indices = labels.lookup(ids)
+    assert got_values.shape == (3, *labels.manifest["shape"][1:]) and got_values.flags.owndata
+    assert np.array_equal(got_values[0], got_values[2])
+    assert torch.equal(torch.from_numpy(got_values), labels.values[torch.from_numpy(ids)])
+    assert torch.equal(torch.from_numpy(got_indices), labels.indices[torch.from_numpy(ids)])
+
+
+def test_cache_directories_are_readable_by_other_users(world):
+    # A cluster's nodes read the cache from shared storage: not mkdtemp's 0700.
+    *_, labels = world
+    umask = os.umask(0)
+    os.umask(umask)
+    assert labels.path.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 @pytest.mark.parametrize("override, needle", [
