@@ -87,3 +87,74 @@ def test_distillation_without_teacher_is_refused(setup):
     tok, tr, va = setup
     with pytest.raises(ValueError, match="loss.kd_weight=0.5 needs a teacher"):
         train(make_model(tok), tr, va, n_vocab=len(tok), loss_cfg=LossConfig(kd_weight=0.5), cfg=_cfg())
+
+
+def test_ctrl_c_stops_between_steps_with_a_checkpoint_that_resumes_exactly(setup, tmp_path):
+    # SIGINT in the middle of a run (here from the report at step 10, as a user's Ctrl-C
+    # arrives at any line): the loop finishes that step, saves, and raises; resuming from
+    # that checkpoint gives the uninterrupted run's weights.
+    import signal
+
+    tok, tr, va = setup
+    loss = LossConfig(kd_weight=0.0)
+    full_model = make_model(tok, n_layer=1, n_embd=32, seed=4)
+    full = train(full_model, tr, va, n_vocab=len(tok), loss_cfg=loss, cfg=_cfg(eval_every=5))
+
+    def interrupt(m, ckpt):
+        if m["step"] == 10:
+            signal.raise_signal(signal.SIGINT)
+
+    a = make_model(tok, n_layer=1, n_embd=32, seed=4)
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 10; checkpoint"):
+        train(a, tr, va, n_vocab=len(tok), loss_cfg=loss, cfg=_cfg(eval_every=5), report=interrupt,
+              checkpoint_dir=tmp_path / "a")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    b = make_model(tok, n_layer=1, n_embd=32, seed=99)
+    resumed = train(b, tr, va, n_vocab=len(tok), loss_cfg=loss, cfg=_cfg(eval_every=5),
+                    resume_from=tmp_path / "a" / "checkpoint")
+    for (k, pa), pb in zip(full_model.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(pa, pb, atol=1e-6), k
+    assert resumed["val_loss"] == pytest.approx(full["val_loss"], abs=1e-5)
+
+
+def test_compiled_step_trains_like_the_eager_one(setup):
+    # train.compile=true: forward + loss as one inductor graph; same learning, to float
+    # rounding (inductor reorders reductions), and the distillation term included. Without
+    # dropout, as the project's teachers and students are: inductor draws its own masks.
+    tok, tr, va = setup
+    teacher = make_model(tok, n_layer=1, n_embd=32, seed=5)
+    fn = online_teacher(teacher, len(tok), torch.device("cpu"), "fp32")
+    loss = LossConfig(kd_weight=0.5, temperature=2.0)
+    out = {}
+    for mode in ("false", "true"):
+        model = make_model(tok, n_layer=1, n_embd=32, seed=6)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        out[mode] = train(model, tr, va, n_vocab=len(tok), loss_cfg=loss, cfg=_cfg(compile=mode), teacher=fn)
+    for key in ("val_loss", "train_loss", "ce_loss", "kd_loss"):
+        assert out["true"][key] == pytest.approx(out["false"][key], rel=1e-3), key
+
+
+def test_a_failing_compile_falls_back_to_eager_with_one_warning(setup, capfd, monkeypatch):
+    # No working C++ compiler for inductor's CPU kernels: one warning line, then eager.
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setenv("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")  # else a warm cache would skip the compiler
+    tok, tr, va = setup
+    torch._dynamo.reset()
+    model = make_model(tok, n_layer=1, n_embd=24, seed=7)
+    final = train(model, tr, va, n_vocab=len(tok), loss_cfg=LossConfig(kd_weight=0.0), cfg=_cfg(compile="true"))
+    torch._dynamo.reset()
+    err = [line for line in capfd.readouterr().err.splitlines() if "torch.compile failed" in line]
+    assert len(err) == 1 and "training eagerly" in err[0]
+    assert final["val_loss"] > 0 and final["step"] == 20
+
+
+def test_auto_compiles_only_long_single_process_runs():
+    from kd.step import AUTO_COMPILE_MIN_STEPS, should_compile
+
+    assert should_compile("auto", AUTO_COMPILE_MIN_STEPS) and not should_compile("auto", AUTO_COMPILE_MIN_STEPS - 1)
+    assert not should_compile("auto", 10 * AUTO_COMPILE_MIN_STEPS, world_size=2)
+    assert should_compile("true", 1) and not should_compile("false", 10**6)
