@@ -48,16 +48,25 @@ def _positive(cell: str) -> float:
 
 
 def test_train_throughput_quick(tmp_path):
-    out = _run("train_throughput.py", "--quick")
+    out = _run("train_throughput.py", "--quick", "--json", str(tmp_path / "out.json"))
     header, rows = _table(out, "loop")
-    assert header[:6] == ["loop", "tokens/s (median)", "runs", "vs reference", "GFLOP/s", "MFU (fp32 peak)"]
-    assert [r[0] for r in rows] == ["kd.train.train", "reference loop"]
+    assert header[:7] == ["loop", "tokens/s (median)", "runs", "vs reference", "GFLOP/s", "MFU (fp32 peak)",
+                          "compile_s (first)"]
+    assert [r[0] for r in rows] == ["kd.train (cache)", "kd.train (online)", "reference loop",
+                                    "kd.train (teacher shape, CE)"]
     for r in rows:
         for cell in (r[1], r[3], r[4], r[5]):
             _positive(cell)
         assert len(r[2].split(",")) == 3  # one figure per repeat
-    assert rows[1][3] == "1.00x"
+    assert rows[2][3] == "1.00x"
     assert "fp32 matmul peak" in out
+    import json
+
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert {"kd_tokens_per_s", "reference_tokens_per_s", "ratio", "mfu", "peak_gflops"} <= set(data)
+    assert data["ratio"] == pytest.approx(data["kd_tokens_per_s"] / data["reference_tokens_per_s"])
+    assert 0 < data["mfu"] < 1 and 0 < data["online"]["mfu"] < 1 and 0 < data["teacher_shape"]["mfu"] < 1
+    assert float(rows[0][1]) == pytest.approx(data["kd_tokens_per_s"], abs=1)
 
 
 def test_sweep_overhead_quick(tmp_path):
