@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from kd.config import LossConfig
-from kd.device import autocast_for, use_compile_cache
+from kd.device import use_compile_cache, uses_bf16
 from kd.losses import LossParts, distillation_loss
 from kd.models import logits_for
 
@@ -42,9 +42,11 @@ def should_compile(mode: str, steps: int, world_size: int = 1) -> bool:
 def step_loss(model: torch.nn.Module, n_vocab: int, loss_cfg: LossConfig, device: torch.device,
               precision: str) -> StepLoss:
     """``fn(input_ids (B, T), labels (B, T), targets) -> LossParts``: forward + loss, eager."""
+    # Decided here, not in fn: the bf16 probe times matmuls, which a traced graph cannot hold.
+    bf16 = uses_bf16(device, precision)
 
     def fn(input_ids: torch.Tensor, labels: torch.Tensor, targets: dict[str, torch.Tensor]) -> LossParts:
-        with autocast_for(device, precision):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = logits_for(model, input_ids, n_vocab)  # (B, T, V)
         return distillation_loss(
             logits, labels, **targets, temperature=loss_cfg.temperature, kd_weight=loss_cfg.kd_weight,
@@ -59,6 +61,10 @@ def compiled(fn: StepLoss) -> StepLoss:
     """``fn`` under ``torch.compile``, falling back to ``fn`` itself (one warning line) if
     compiling fails on this machine (no C++ compiler, an unsupported model)."""
     use_compile_cache()
+    # One training run per process at a time: forget the previous run's graphs, which guard
+    # on that run's model; else every trial of a sweep (Tune reuses the process) adds a
+    # recompile until dynamo's limit (8) silently sends the rest back to eager.
+    torch.compiler.reset()
     # dynamic=False: every training batch has the same shape (drop_last), so one graph.
     graph = torch.compile(fn, dynamic=False)
     state = {"fn": graph, "checked": False}
