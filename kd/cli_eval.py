@@ -64,6 +64,17 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--limit={args.limit} is not allowed: must be >= 1")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size={args.batch_size} is not allowed: must be >= 1")
+    if args.task and args.task != "world":
+        from kd.eval_loaders import _looks_like_path
+
+        data = Path(args.data).expanduser()
+        if (data.is_dir() or _looks_like_path(args.data)) and not data.is_file():
+            raise ConfigError(f"--data={args.data!r} is not allowed: no such file (a .jsonl, .json or .csv file, "
+                              "or a hub dataset id)")
+    if args.fewshot and not Path(args.fewshot).expanduser().is_file():
+        raise ConfigError(f"--fewshot={args.fewshot!r} is not allowed: no such file")
+    if args.out:
+        _check_out(args.out)
     if args.include_path and not Path(args.include_path).is_dir():
         raise ConfigError(f"--include-path={args.include_path!r} is not allowed: the directory does not exist")
     if args.harness:
@@ -73,6 +84,16 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError("--harness needs lm-evaluation-harness, which is not installed: "
                               "install the eval extra with `pip install -e .[eval]`") from None
         check_harness_data_offline([t.strip() for t in args.harness.split(",") if t.strip()], args.include_path)
+
+
+def _check_out(out: str) -> None:
+    """``--out`` must be a file that can be written: found now, not after the evaluation."""
+    from kd.preflight import check_output_dir
+
+    p = Path(out).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"--out={out!r} is not allowed: it is a directory; give a .json file path")
+    check_output_dir(p.parent, key="--out")
 
 
 def _device(name: str) -> str:
@@ -258,8 +279,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         model, tokenizer = load_pretrained(args.model)
-    except OSError as e:
-        raise ConfigError(f"--model={args.model!r} could not be loaded: {e}") from None
+    except (OSError, ValueError) as e:  # missing, offline, or not a model directory
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"--model={args.model!r} could not be loaded: {first}") from None
     model.to(device).eval()
     report: dict[str, Any] = {"model": args.model, "task": args.task, "data": args.data, "limit": args.limit,
                               "data_sha256": data_hashes(args.task, args.data, args.fewshot)}

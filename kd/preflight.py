@@ -62,19 +62,27 @@ def check_batch_size(key: str, batch_size: int, n_blocks: int, world_size: int =
                           f"blocks{workers}; use at most {per_worker} or add data")
 
 
+def source_tokenizer(key: str, source: str, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a hub id or local model directory, or a one-line :class:`ConfigError`."""
+    from kd.models import load_tokenizer
+
+    try:
+        return load_tokenizer(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:  # offline, unknown id, not a model folder
+        if Path(source).expanduser().exists():
+            raise ConfigError(f"{key}={source!r} is not allowed: that path holds no loadable tokenizer "
+                              f"({_first_line(e)}); give a save_pretrained directory") from None
+        raise ConfigError(f"{key}={source!r} is not allowed: it is not an existing local directory and could "
+                          f"not be loaded as a hub id ({_first_line(e)})") from None
+
+
 def teacher_tokenizer(cfg: KDConfig) -> Any:
     """The tokenizer the run trains with: the data's for a project-trained teacher, else the teacher's."""
     if cfg.teacher.source == "train":
         from kd.teacher import data_tokenizer
 
         return data_tokenizer(cfg)
-    from kd.models import load_tokenizer
-
-    try:
-        return load_tokenizer(cfg.teacher.source, trust_remote_code=cfg.teacher.trust_remote_code)
-    except (OSError, ValueError) as e:  # offline, unknown id, not a model folder
-        raise ConfigError(f"teacher.source={cfg.teacher.source!r} is not allowed: it is not an existing local "
-                          f"directory and could not be loaded as a hub id ({_first_line(e)})") from None
+    return source_tokenizer("teacher.source", cfg.teacher.source, trust_remote_code=cfg.teacher.trust_remote_code)
 
 
 def check_training(cfg: KDConfig, *, world_size: int = 1, student: bool = True) -> Any:

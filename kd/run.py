@@ -85,16 +85,10 @@ def preflight(cfg: KDConfig) -> None:
     if not cfg.student.source:
         check_training(cfg)
         return
-    from transformers import AutoTokenizer
+    from kd.preflight import source_tokenizer, teacher_tokenizer
 
-    if cfg.teacher.source == "train":
-        from kd.teacher import data_tokenizer
-
-        teacher_tok = data_tokenizer(cfg)
-    else:
-        teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher.source, trust_remote_code=cfg.teacher.trust_remote_code)
-    student_tok = AutoTokenizer.from_pretrained(cfg.student.source, trust_remote_code=cfg.teacher.trust_remote_code)
-    check_same_tokenizer(teacher_tok, student_tok)
+    student_tok = source_tokenizer("student.source", cfg.student.source, trust_remote_code=cfg.teacher.trust_remote_code)
+    check_same_tokenizer(teacher_tokenizer(cfg), student_tok)
     check_training(cfg)
 
 

@@ -297,3 +297,14 @@ def test_every_subcommand_help_shows_defaults_and_choices(capsys):
             if action.choices:
                 assert "{" + ",".join(map(str, action.choices)) + "}" in text, (name, action.dest)
     assert "(default: 5000)" in " ".join(_help(capsys, "ui").split())
+
+
+def test_a_folder_that_is_no_model_is_one_line(tmp_path, capsys, warm_tiny_world, tiny_overrides):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    for key in ("teacher.source", "student.source"):
+        line = _refused(capsys, "distill", *_overrides(tiny_overrides), f"{key}={empty}", "student.n_head=1",
+                        f"output_dir={out}")
+        assert f"{key}={str(empty)!r} is not allowed: that path holds no loadable tokenizer" in line, line
+    assert not out.exists()

@@ -377,3 +377,28 @@ def test_kd_eval_harness_task_without_offline_data_is_one_line_and_fast(tmp_path
     assert len(err) == 1, err
     assert "--harness task 'lambada_openai' cannot run offline: its data (EleutherAI/lambada_openai)" in err[0]
     assert "--include-path" in err[0] and "dataset_path: json" in err[0]
+
+
+def test_kd_eval_refuses_missing_files_and_bad_out_before_loading(tmp_path, capsys):
+    """Checked before the model loads (``--model`` here does not even exist), in one line each."""
+    data = tmp_path / "nq.jsonl"
+    data.write_text(json.dumps({"question": "q", "answer": ["a"]}) + "\n")
+    missing = str(tmp_path / "no-model")
+    cases = [
+        (["--task", "nq_open", "--data", str(tmp_path / "missing.jsonl")], "--data='", "no such file"),
+        (["--task", "nq_open", "--data", str(data), "--fewshot", str(tmp_path / "shots.jsonl")], "--fewshot=",
+         "no such file"),
+        (["--task", "nq_open", "--data", str(data), "--out", str(tmp_path)], "--out=", "it is a directory"),
+        (["--task", "nq_open", "--data", str(data), "--out", str(data / "x.json")], "--out=", "is a file"),
+        (["--task", "nq_open", "--data", str(data)], f"--model={missing!r} could not be loaded", ""),
+    ]
+    for args, key, why in cases:
+        assert _kd_main(["eval", "--model", missing, *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and key in err[0] and why in err[0], (args, err)
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    assert _kd_main(["eval", "--model", str(not_a_model), "--task", "nq_open", "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not be loaded" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "nq.jsonl"]
