@@ -85,6 +85,12 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # before torch loads: bad input fails at once
+    from kd.preflight import check_device, check_output_dir
+
+    # The quick checks before kd.run's imports (seconds of torch and transformers); the
+    # rest of the preflight (the data) runs in distill().
+    check_output_dir(cfg.output_dir)
+    check_device("train.device", cfg.train.device)
     from kd import resume
     from kd.run import distill
 
@@ -142,7 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting key=value after an option (`kd distill a=1 --no-eval b=2`):
+    # what is left over and has the shape of an override is one.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

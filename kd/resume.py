@@ -87,7 +87,7 @@ def interrupted(cfg: KDConfig) -> str:
     """What an interrupted ``kd distill`` leaves, as the one line it ends with."""
     ckpt = checkpoint_path(cfg)
     if not (ckpt / "state.json").is_file():
-        return (f"no checkpoint yet (the first is written at step {cfg.train.eval_every}); "
+        return (f"no checkpoint yet (one is written every train.eval_every={cfg.train.eval_every} steps); "
                 "the same command starts over")
     mark(cfg)
     return f"checkpoint at step {step_of(ckpt)} in {ckpt}; rerun the same command to resume"

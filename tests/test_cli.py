@@ -109,6 +109,19 @@ def test_tokenizer_mismatch_is_refused_before_writing(tmp_path, mismatched_pair)
     assert not out.exists()
 
 
+def test_overrides_after_an_option_are_overrides(tmp_path, capsys):
+    """``kd distill a=1 --no-eval b=2``: argparse alone would call b=2 unrecognized."""
+    line = _refused(capsys, "distill", "loss.temperature=3", "--no-eval", "loss.kd_weight=7",
+                    f"output_dir={tmp_path / 'out'}")
+    assert "loss.kd_weight=7.0 is not allowed: must be in [0, 1]" in line
+    from kd.cli import main
+
+    with pytest.raises(SystemExit) as e:  # argparse's own exit, with kd's one line
+        main(["distill", "loss.temperature=3", "--no-eval", "--bogus"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "kd: error: unrecognized arguments: --bogus (see kd --help)\n"
+
+
 def test_help_explains_options():
     r = kd("distill", "--help")
     assert r.returncode == 0 and "loss.temperature" in r.stdout and "--config" in r.stdout
