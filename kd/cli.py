@@ -74,7 +74,9 @@ def _cmd_world(args: argparse.Namespace) -> int:
 
 def _cmd_teacher(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # before torch loads: bad input fails at once
-    from kd.preflight import check_training
+    from kd.preflight import check_device, check_training
+
+    check_device("train.device", cfg.train.device)  # before kd.teacher's imports
     from kd.teacher import ensure_teacher
 
     if cfg.teacher.source == "train":
