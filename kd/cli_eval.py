@@ -4,14 +4,19 @@
     kd eval --model DIR --task lambada --data lambada_test.jsonl --limit 500 --out lambada.json
     kd eval --model DIR --harness lambada_openai,hellaswag --limit 100     # needs the eval extra
 
-Prints a table and writes every figure to a JSON file. ``kd.cli`` registers the
-subcommand through :func:`add_parser`; ``python -m kd.cli_eval ...`` runs it alone.
+Prints a table and writes every figure to a JSON file, with the sha256 of each data file
+it read (and, with ``--predictions``, what the model answered for every item). ``kd.cli``
+registers the subcommand through :func:`add_parser`; ``python -m kd.cli_eval ...`` runs it
+alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -37,6 +42,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
     p.add_argument("--harness", metavar="TASKS", help="comma-separated lm-eval task names to run (eval extra)")
     p.add_argument("--include-path", metavar="DIR", help="directory of custom lm-eval task YAMLs")
+    p.add_argument("--predictions", action="store_true", help="also write every item's output (prediction, "
+                   "log-likelihoods, score) to the JSON file")
     p.set_defaults(func=run)
     return p
 
@@ -57,6 +64,17 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--limit={args.limit} is not allowed: must be >= 1")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size={args.batch_size} is not allowed: must be >= 1")
+    if args.task and args.task != "world":
+        from kd.eval_loaders import _looks_like_path
+
+        data = Path(args.data).expanduser()
+        if (data.is_dir() or _looks_like_path(args.data)) and not data.is_file():
+            raise ConfigError(f"--data={args.data!r} is not allowed: no such file (a .jsonl, .json or .csv file, "
+                              "or a hub dataset id)")
+    if args.fewshot and not Path(args.fewshot).expanduser().is_file():
+        raise ConfigError(f"--fewshot={args.fewshot!r} is not allowed: no such file")
+    if args.out:
+        _check_out(args.out)
     if args.include_path and not Path(args.include_path).is_dir():
         raise ConfigError(f"--include-path={args.include_path!r} is not allowed: the directory does not exist")
     if args.harness:
@@ -65,6 +83,17 @@ def _check_args(args: argparse.Namespace) -> None:
         except ImportError:
             raise ConfigError("--harness needs lm-evaluation-harness, which is not installed: "
                               "install the eval extra with `pip install -e .[eval]`") from None
+        check_harness_data_offline([t.strip() for t in args.harness.split(",") if t.strip()], args.include_path)
+
+
+def _check_out(out: str) -> None:
+    """``--out`` must be a file that can be written: found now, not after the evaluation."""
+    from kd.preflight import check_output_dir
+
+    p = Path(out).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"--out={out!r} is not allowed: it is a directory; give a .json file path")
+    check_output_dir(p.parent, key="--out")
 
 
 def _device(name: str) -> str:
@@ -77,25 +106,123 @@ def _device(name: str) -> str:
     return name
 
 
+def sha256_of(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_hashes(task: str | None, data: str | None, fewshot: str | None = None) -> dict[str, str]:
+    """``{file: sha256}`` of every local file an evaluation reads (a hub id has none: its
+    revision is the hub's business)."""
+    files: list[Path] = []
+    if task == "world" and data:
+        files += [Path(data) / n for n in ("completion.jsonl", "choice.jsonl", "qa.jsonl", "qa_fewshot.jsonl")]
+    elif data:
+        files.append(Path(data).expanduser())
+    if fewshot:
+        files.append(Path(fewshot).expanduser())
+    return {str(f): sha256_of(f) for f in files if f.is_file()}
+
+
 def evaluate_task(model: Any, tokenizer: Any, task: str, data: str, *, limit: int | None = None,
-                  fewshot: str | None = None, batch_size: int = 32) -> dict[str, float]:
-    """Figures for one task: the world's five, or the family's (acc/loglik, acc/acc_norm, em/f1)."""
+                  fewshot: str | None = None, batch_size: int = 32,
+                  records: dict[str, list[dict]] | None = None) -> dict[str, float]:
+    """Figures for one task: the world's five, or the family's (acc/loglik, acc/acc_norm, em/f1).
+
+    ``records``, when given, gets the per-item outputs under the task's name (the world's
+    three sets under ``completion``, ``choice`` and ``qa``).
+    """
     from kd import evaluate as ev
     from kd.eval_loaders import TASKS as LOADERS, load_task
 
     if task == "world":
-        return ev.evaluate_world(model, tokenizer, data, limit=limit, batch_size=batch_size)
+        if records is None:
+            return ev.evaluate_world(model, tokenizer, data, limit=limit, batch_size=batch_size)
+        return _world_with_records(model, tokenizer, data, limit, batch_size, records)
     try:  # a missing file or a malformed row: one line for the user, not a traceback
         items = load_task(task, data, limit=limit)
         shots = load_task(task, fewshot, limit=5) if fewshot else []
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
     family = LOADERS[task][0]
+    out = None if records is None else records.setdefault(task, [])
     if family == "completion":
-        return ev.eval_completion(model, tokenizer, items, batch_size=batch_size)
+        return ev.eval_completion(model, tokenizer, items, batch_size=batch_size, records=out)
     if family == "choice":
-        return ev.eval_choice(model, tokenizer, items, batch_size=batch_size)
-    return ev.eval_qa(model, tokenizer, items, fewshot=shots, batch_size=batch_size)
+        return ev.eval_choice(model, tokenizer, items, batch_size=batch_size, records=out)
+    return ev.eval_qa(model, tokenizer, items, fewshot=shots, batch_size=batch_size, records=out)
+
+
+def _world_with_records(model: Any, tokenizer: Any, data: str, limit: int | None, batch_size: int,
+                        records: dict[str, list[dict]]) -> dict[str, float]:
+    """:func:`kd.evaluate.evaluate_world`'s figures, keeping each item's output."""
+    from kd import evaluate as ev
+
+    d = Path(data)
+    fewshot = ev.read_jsonl(d / "qa_fewshot.jsonl") if (d / "qa_fewshot.jsonl").is_file() else []
+    comp = ev.eval_completion(model, tokenizer, ev.read_jsonl(d / "completion.jsonl", limit), batch_size=batch_size,
+                              records=records.setdefault("completion", []))
+    choice = ev.eval_choice(model, tokenizer, ev.read_jsonl(d / "choice.jsonl", limit), batch_size=batch_size,
+                            records=records.setdefault("choice", []))
+    qa = ev.eval_qa(model, tokenizer, ev.read_jsonl(d / "qa.jsonl", limit), fewshot=fewshot, batch_size=batch_size,
+                    records=records.setdefault("qa", []))
+    out = {"acc_completion": comp["acc"], "acc_choice": choice["acc"], "em_qa": qa["em"], "f1_qa": qa["f1"]}
+    out["acc_mean"] = sum(out.values()) / 4
+    return out
+
+
+_LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _offline_hint(task: str, dataset: str) -> str:
+    return (f"--harness task {task!r} cannot run offline: its data ({dataset}) is not in the local datasets cache; "
+            "run it once with a network, or copy its task YAML into a directory with `dataset_path: json` and "
+            "`dataset_kwargs: {data_files: {test: /absolute/path/to/file.jsonl}}` and pass --include-path DIR")
+
+
+def check_harness_data_offline(names: list[str], include_path: str | None = None) -> None:
+    """Offline, refuse at once a task whose hub data set is not cached (before lm-eval indexes
+    its ~15k tasks, which takes 20-45 s). A task whose YAML is not found, or whose data is
+    local files, is left to lm-eval."""
+    if not _offline():
+        return
+    import datasets
+    import lm_eval
+
+    roots = [Path(include_path)] if include_path else []
+    roots.append(Path(lm_eval.__file__).parent / "tasks")
+    wanted = {n: re.compile(rf"^task:\s*['\"]?{re.escape(n)}['\"]?\s*$", re.M) for n in names}
+    found: dict[str, str] = {}
+    for root in roots:
+        for path in root.rglob("*.yaml"):
+            if len(found) == len(wanted):
+                break
+            text = None
+            for name, pattern in wanted.items():
+                if name in found:
+                    continue
+                text = text if text is not None else path.read_text(errors="replace")
+                if pattern.search(text):
+                    found[name] = text
+    for name, text in found.items():
+        path_m = re.search(r"^dataset_path:\s*['\"]?([^'\"\s#]+)", text, re.M)
+        if not path_m or path_m.group(1) in _LOCAL_BUILDERS:
+            continue
+        config_m = re.search(r"^dataset_name:\s*['\"]?([^'\"\s#]+)", text, re.M)
+        dataset = path_m.group(1)
+        try:
+            datasets.load_dataset_builder(dataset, config_m.group(1) if config_m else None)
+        except Exception:  # offline and not cached: every way it fails says the same to the user
+            raise ConfigError(_offline_hint(name, dataset)) from None
 
 
 def run_harness(model: Any, tokenizer: Any, tasks: str, *, limit: int | None = None,
@@ -120,7 +247,16 @@ def run_harness(model: Any, tokenizer: Any, tasks: str, *, limit: int | None = N
         raise ConfigError(f"--harness task(s) {', '.join(unknown)} not known to lm-eval"
                           + (f" or in --include-path={include_path!r}" if include_path else
                              " (custom task YAMLs go in a directory given with --include-path)"))
-    out = simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager, bootstrap_iters=0)
+    try:
+        out = simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager, bootstrap_iters=0)
+    except Exception as e:  # offline, a task's data missing: one line rather than lm-eval's traceback
+        if not _offline():
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"--harness {tasks!r} failed offline ({first}); a task's data may not be available "
+                          "offline: run once with a network, or point lm-eval at local files with a task YAML "
+                          "(`dataset_path: json`, `dataset_kwargs: {data_files: {test: /abs/file.jsonl}}`) "
+                          "in a directory given with --include-path") from None
     return {task: {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             for task, res in out["results"].items()}
 
@@ -143,15 +279,20 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         model, tokenizer = load_pretrained(args.model)
-    except OSError as e:
-        raise ConfigError(f"--model={args.model!r} could not be loaded: {e}") from None
+    except (OSError, ValueError) as e:  # missing, offline, or not a model directory
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"--model={args.model!r} could not be loaded: {first}") from None
     model.to(device).eval()
-    report: dict[str, Any] = {"model": args.model, "task": args.task, "data": args.data, "limit": args.limit}
+    report: dict[str, Any] = {"model": args.model, "task": args.task, "data": args.data, "limit": args.limit,
+                              "data_sha256": data_hashes(args.task, args.data, args.fewshot)}
     rows: list[tuple[str, str, Any]] = [("task", "metric", "value")]
     if args.task:
+        records: dict[str, list[dict]] | None = {} if args.predictions else None
         metrics = evaluate_task(model, tokenizer, args.task, args.data, limit=args.limit, fewshot=args.fewshot,
-                                batch_size=args.batch_size)
+                                batch_size=args.batch_size, records=records)
         report["metrics"] = metrics
+        if records is not None:
+            report["predictions"] = records
         rows += [(args.task, k, v) for k, v in metrics.items()]
     if args.harness:
         harness = run_harness(model, tokenizer, args.harness, limit=args.limit, include_path=args.include_path,

@@ -8,10 +8,14 @@ the key, the value and what is allowed. This module imports neither torch nor Ra
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
 import hashlib
+import inspect
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -46,12 +50,17 @@ class TeacherConfig:
     arch: str = "gpt2"
     """Architecture of a teacher the project trains: gpt2 or llama."""
     n_layer: int = 4
+    """Transformer layers of a teacher the project trains."""
     n_embd: int = 256
+    """Model width of a teacher the project trains; divisible by ``teacher.n_head``."""
     n_head: int = 4
+    """Attention heads of a teacher the project trains."""
     steps: int = 760
     """Optimizer steps for a teacher the project trains (~30 passes over the default world)."""
     batch_size: int = 16
+    """Blocks per optimizer step when the project trains the teacher."""
     lr: float = 2e-3
+    """Peak learning rate when the project trains the teacher (warm-up, then cosine)."""
 
 
 @dataclass
@@ -62,7 +71,9 @@ class StudentConfig:
     """Empty: build the student from the teacher's config (the shape below). Otherwise a
     hub id or local directory of a pretrained student, which must share the teacher's tokenizer."""
     n_layer: int = 2
+    """Transformer layers of the student."""
     n_embd: int = 128
+    """Model width of the student; divisible by its number of heads."""
     n_head: int = 0
     """Attention heads; 0 keeps the teacher's head size (n_embd / teacher head dim)."""
     init: str = "random"
@@ -78,9 +89,11 @@ class DataConfig:
     world_size: str = "default"
     """Size of the embedded world: tiny (tests), small, default (the main job)."""
     world_seed: int = 0
+    """Seed of the embedded world (and of the validation hold-out of other sources)."""
     hub_config: str = ""
     """Dataset config name for hub ids (``wikitext-2-raw-v1``)."""
     text_column: str = "text"
+    """Column of the documents in a hub dataset or .jsonl/.parquet files."""
     block_size: int = 128
     """Tokens per packed training block."""
     val_fraction: float = 0.05
@@ -125,17 +138,25 @@ class TrainConfig:
     """The optimisation loop."""
 
     steps: int = 400
+    """Optimizer steps of the student (the token budget is steps x batch_size x block_size)."""
     batch_size: int = 16
+    """Blocks per optimizer step (per worker); at most the number of training blocks."""
     lr: float = 2e-3
+    """Peak learning rate (AdamW; linear warm-up, then cosine decay to 10% of it)."""
     weight_decay: float = 0.1
+    """AdamW weight decay (not applied to biases and norms)."""
     warmup_steps: int = 40
+    """Steps of linear learning-rate warm-up."""
     grad_clip: float = 1.0
+    """Clip the gradient norm to this (0 = no clipping)."""
     eval_every: int = 100
     """Evaluate (and checkpoint) every N steps, and at the end."""
     eval_blocks: int = 64
     """Validation blocks per evaluation (0 = all)."""
     seed: int = 0
+    """Seed of the student's initialisation and the data order."""
     device: str = "auto"
+    """auto (cuda when visible, else cpu), cpu or cuda."""
     precision: str = "auto"
     """auto = bf16 autocast where the hardware is fast at it, else fp32."""
     threads: int = 0
@@ -151,10 +172,15 @@ class KDConfig:
     """One distillation run: teacher, student, data, loss and training."""
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """The teacher: a hub id or directory, or one the project trains (``teacher.*``)."""
     student: StudentConfig = field(default_factory=StudentConfig)
+    """The student's shape and initialisation (``student.*``)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The training text and its packing into blocks (``data.*``)."""
     loss: LossConfig = field(default_factory=LossConfig)
+    """The distillation objective (``loss.*``)."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The student's optimisation loop (``train.*``)."""
     output_dir: str = "runs/distill"
     """Where the student, checkpoints and metrics.json go."""
 
@@ -184,6 +210,90 @@ def to_flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:
             out.update(to_flat_dict(value, f"{prefix}{f.name}."))
         else:
             out[f"{prefix}{f.name}"] = value
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstring of each field of a config dataclass (``""`` where it has none).
+
+    Read from the source (the string literal right after a field), as litgpt and
+    jsonargparse do: one text serves the code reader, ``kd --help`` and the docs.
+    """
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {f.name: "" for f in dataclasses.fields(cls)}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+#: What ``validate`` allows for each key, as ``kd --help`` shows it (tests/test_config.py
+#: checks that every key has an entry, so a new field cannot slip past the help).
+ALLOWED: dict[str, str] = {
+    "teacher.source": "train, a hub id, or an existing local save_pretrained directory",
+    "teacher.trust_remote_code": "true or false",
+    "teacher.arch": " | ".join(ARCHS),
+    "teacher.n_layer": "integer >= 1",
+    "teacher.n_embd": "integer >= 1, divisible by teacher.n_head",
+    "teacher.n_head": "integer >= 1",
+    "teacher.steps": "integer >= 1",
+    "teacher.batch_size": "integer >= 1, at most the training blocks",
+    "teacher.lr": "number > 0",
+    "student.source": "empty, a hub id, or an existing local save_pretrained directory",
+    "student.n_layer": "integer >= 1",
+    "student.n_embd": "integer >= 1, divisible by the student's heads",
+    "student.n_head": "integer >= 0",
+    "student.init": " | ".join(INITS),
+    "data.source": "world, a hub dataset id, or an existing local file or directory",
+    "data.world_size": " | ".join(WORLD_SIZES),
+    "data.world_seed": "integer",
+    "data.hub_config": "any string",
+    "data.text_column": "a column name",
+    "data.block_size": "integer >= 8",
+    "data.val_fraction": "number in (0, 0.5)",
+    "data.max_blocks": "integer >= 0",
+    "loss.temperature": "number > 0",
+    "loss.kd_weight": "number in [0, 1]",
+    "loss.divergence": " | ".join(DIVERGENCES),
+    "loss.jsd_beta": "number in (0, 1)",
+    "loss.skew_alpha": "number in [0, 1)",
+    "loss.top_k": "integer >= 0",
+    "loss.teacher_mode": " | ".join(TEACHER_MODES),
+    "loss.soft_labels_dir": "empty or a directory",
+    "train.steps": "integer >= 1",
+    "train.batch_size": "integer >= 1, at most the training blocks",
+    "train.lr": "number > 0",
+    "train.weight_decay": "number >= 0",
+    "train.warmup_steps": "integer >= 0",
+    "train.grad_clip": "number >= 0",
+    "train.eval_every": "integer >= 1",
+    "train.eval_blocks": "integer >= 0",
+    "train.seed": "integer",
+    "train.device": " | ".join(DEVICES) + " (cuda only where CUDA is visible)",
+    "train.precision": " | ".join(PRECISIONS),
+    "train.threads": "integer >= 0",
+    "train.compile": " | ".join(COMPILE_MODES),
+    "output_dir": "a directory path that can be written (not a file)",
+}
+
+
+def describe_keys(cls: type = KDConfig, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str, str]]:
+    """``(key, default, allowed, doc)`` for every dotted key, in declaration order."""
+    defaults = cls() if defaults is None else defaults
+    out: list[tuple[str, str, str, str]] = []
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            out += describe_keys(type(value), f"{prefix}{f.name}.", value)
+            continue
+        key = f"{prefix}{f.name}"
+        shown = str(value).lower() if isinstance(value, bool) else (repr(value) if value == "" else str(value))
+        out.append((key, shown, ALLOWED.get(key, ""), docs[f.name]))
     return out
 
 
@@ -222,9 +332,12 @@ def _coerce(key: str, value: Any, tp: type) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is not allowed: expected a number")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}={value!r} is not allowed: expected a number") from None
+        if not math.isfinite(number):  # float("inf") parses; no knob means anything at inf/nan
+            raise ConfigError(f"{key}={value!r} is not allowed: expected a finite number")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}={value!r} is not allowed: expected a string")
@@ -248,8 +361,28 @@ def apply_overrides(cfg: KDConfig, overrides: dict[str, Any]) -> KDConfig:
         *parents, leaf = key.split(".")
         for p in parents:
             target = getattr(target, p)
-        setattr(target, leaf, _coerce(key, value, keys[key]))
+        value = _coerce(key, value, keys[key])
+        if key in _SOURCE_KEYS:
+            value = _resolve_source(value)
+        setattr(target, leaf, value)
     return cfg
+
+
+#: Keys that name a hub id or a local path.
+_SOURCE_KEYS = ("teacher.source", "student.source", "data.source")
+
+
+def _resolve_source(value: str) -> str:
+    """An existing local path, made absolute; anything else unchanged.
+
+    A path that exists is a path, with or without ``./`` (``data.source=mydata``), and it
+    stays one when a sweep trial runs in another working directory. The reserved words
+    (``train``, ``world``, empty) are never paths.
+    """
+    if value in ("", "train", "world"):
+        return value
+    p = Path(value).expanduser()
+    return str(p.resolve()) if p.exists() else value
 
 
 def _flatten_yaml(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -261,6 +394,14 @@ def _flatten_yaml(data: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def _yaml_error(path: Path, e: Exception) -> str:
+    """One line for a YAML syntax error: file:line:column and PyYAML's reason."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    reason = " ".join(str(getattr(e, "problem", None) or e).split())
+    return f"config={str(path)!r} is not allowed: YAML syntax error at {where}: {reason}"
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -283,7 +424,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config={str(path)!r} is not allowed: the file does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(_yaml_error(p, e)) from None
         if not isinstance(data, dict):
             raise ConfigError(f"config={str(path)!r} is not allowed: expected a mapping of keys at the top")
         values.update(_flatten_yaml(data))
@@ -319,6 +463,9 @@ def validate(cfg: KDConfig) -> None:
     student is checked in :mod:`kd.models` once both are known.
     """
     t, s, d, l, tr = cfg.teacher, cfg.student, cfg.data, cfg.loss, cfg.train
+    for key, value in to_flat_dict(cfg).items():  # a search space may hand over inf or nan
+        if isinstance(value, float):
+            _check(math.isfinite(value), key, value, "expected a finite number")
     _check(l.temperature > 0, "loss.temperature", l.temperature, "must be > 0")
     _check(0.0 <= l.kd_weight <= 1.0, "loss.kd_weight", l.kd_weight, "must be in [0, 1]")
     _check_choice("loss.divergence", l.divergence, DIVERGENCES)

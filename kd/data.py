@@ -82,7 +82,12 @@ def load_texts(cfg: DataConfig) -> dict[str, list[str]]:
         builder = _BUILDERS[Path(files["train"][0]).suffix]
         ds = datasets.load_dataset(builder, data_files=files)
     else:
-        ds = datasets.load_dataset(cfg.source, cfg.hub_config or None)
+        try:
+            ds = datasets.load_dataset(cfg.source, cfg.hub_config or None)
+        except Exception as e:  # offline, unknown id, gated, bad config name: one line, not a traceback
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"data.source={cfg.source!r} is not allowed: it is not an existing local path and "
+                              f"could not be loaded as a hub dataset ({first})") from None
     out: dict[str, list[str]] = {}
     for split in ds:
         if cfg.text_column not in ds[split].column_names:

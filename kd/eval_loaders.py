@@ -1,6 +1,7 @@
 """Loaders for the public benchmark formats, normalised to the evaluators' three schemas.
 
-- completion ``{"text"}`` (target = last space-separated word): LAMBADA;
+- completion ``{"text"}`` (target = last space-separated word) or ``{"context",
+  "continuation"}`` (target = the continuation, as llm-foundry's LAMBADA files have it): LAMBADA;
 - choice ``{"ctx", "endings", "label"}``: HellaSwag, StoryCloze 2016;
 - qa ``{"question", "answer": [aliases]}``: NQ-open, WebQuestions, TriviaQA.
 
@@ -134,6 +135,11 @@ def _label(value: Any, n: int, key: str, base: int = 0) -> int:
 
 
 def _lambada(row: dict) -> dict:
+    if "text" not in row and "context" in row:  # llm-foundry: {"context", "continuation": " word"}
+        ctx, cont = _str(row, "context"), _str(row, "continuation")
+        if not ctx[-1].isspace() and not cont[0].isspace():
+            cont = " " + cont  # the word follows a space, as lm-eval's lambada_openai scores it
+        return {"text": ctx + cont, "context": ctx, "continuation": cont}
     return {"text": _str(row, "text")}
 
 
@@ -188,6 +194,8 @@ def _webquestions(row: dict) -> dict:
 
 
 def _triviaqa(row: dict) -> dict:
+    if "question" not in row and "context" in row:  # llm-foundry: {"context": question, "answer", "aliases"}
+        row = {**row, "question": row["context"]}
     answer = row.get("answer")
     if isinstance(answer, dict):  # hub `trivia_qa`: {"value", "aliases", ...}
         values = [answer.get("value")] if isinstance(answer.get("value"), str) else []
@@ -220,7 +228,8 @@ def load_task(task: str, source: str | Path, *, limit: int | None = None, config
 
 
 def load_lambada(source: str | Path, **kw: Any) -> list[dict]:
-    """LAMBADA jsonl ``{"text"}`` (or hub ``EleutherAI/lambada_openai``) -> ``{"text"}``."""
+    """LAMBADA jsonl ``{"text"}`` (or hub ``EleutherAI/lambada_openai``) -> ``{"text"}``; llm-foundry's
+    ``{"context", "continuation"}`` -> those two plus ``text``."""
     return load_task("lambada", source, **kw)
 
 
@@ -246,5 +255,6 @@ def load_webquestions(source: str | Path, **kw: Any) -> list[dict]:
 
 
 def load_triviaqa(source: str | Path, **kw: Any) -> list[dict]:
-    """TriviaQA: ``trivia_qa`` schema (``answer.aliases``) or jsonl ``question``/``answer``/``aliases``."""
+    """TriviaQA: ``trivia_qa`` schema (``answer.aliases``), jsonl ``question``/``answer``/``aliases``, or
+    llm-foundry's ``context``/``answer``/``aliases`` (the question in ``context``)."""
     return load_task("triviaqa", source, **kw)

@@ -156,10 +156,24 @@ def split_completion(text: str) -> tuple[str, str]:
     return ctx, " " + word
 
 
+def completion_pair(item: dict) -> tuple[str, str]:
+    """(context, target) of a completion item: its explicit ``context``/``continuation``, else
+    :func:`split_completion` of its ``text``."""
+    if "context" in item and "continuation" in item:
+        return item["context"], item["continuation"]
+    return split_completion(item["text"])
+
+
 def eval_completion(model: torch.nn.Module, tokenizer: Any, items: Sequence[dict], *,
-                    batch_size: int = 32) -> dict[str, float]:
-    """LAMBADA-style completion: ``acc`` (all target tokens greedy) and mean target log-likelihood."""
-    scores = score_pairs(model, tokenizer, [split_completion(it["text"]) for it in items], batch_size=batch_size)
+                    batch_size: int = 32, records: list[dict] | None = None) -> dict[str, float]:
+    """LAMBADA-style completion: ``acc`` (all target tokens greedy) and mean target log-likelihood.
+
+    ``records``, when given, gets one ``{"target", "loglik", "correct"}`` per item.
+    """
+    pairs = [completion_pair(it) for it in items]
+    scores = score_pairs(model, tokenizer, pairs, batch_size=batch_size)
+    if records is not None:
+        records += [{"target": t, "loglik": ll, "correct": g} for (_, t), (ll, g) in zip(pairs, scores)]
     n = max(len(scores), 1)
     return {"acc": sum(g for _, g in scores) / n, "loglik": sum(ll for ll, _ in scores) / n, "n": len(scores)}
 
@@ -177,13 +191,19 @@ def score_choices(model: torch.nn.Module, tokenizer: Any, items: Sequence[dict],
 
 
 def eval_choice(model: torch.nn.Module, tokenizer: Any, items: Sequence[dict], *,
-                batch_size: int = 32) -> dict[str, float]:
-    """Multiple choice: ``acc`` (argmax log-likelihood) and ``acc_norm`` (per character)."""
+                batch_size: int = 32, records: list[dict] | None = None) -> dict[str, float]:
+    """Multiple choice: ``acc`` (argmax log-likelihood) and ``acc_norm`` (per character).
+
+    ``records``, when given, gets one ``{"label", "pred", "pred_norm", "loglik"}`` per item.
+    """
     lls = score_choices(model, tokenizer, items, batch_size=batch_size)
     acc = acc_norm = 0
     for it, ll in zip(items, lls):
-        acc += _argmax(ll) == it["label"]
-        acc_norm += _argmax([x / len(e) for x, e in zip(ll, it["endings"])]) == it["label"]
+        pred, pred_norm = _argmax(ll), _argmax([x / len(e) for x, e in zip(ll, it["endings"])])
+        acc += pred == it["label"]
+        acc_norm += pred_norm == it["label"]
+        if records is not None:
+            records.append({"label": it["label"], "pred": pred, "pred_norm": pred_norm, "loglik": ll})
     n = max(len(items), 1)
     return {"acc": acc / n, "acc_norm": acc_norm / n, "n": len(items)}
 
@@ -235,7 +255,8 @@ def normalize_answer(s: str) -> str:
 
 
 def token_f1(prediction: str, gold: str) -> float:
-    """Token-level F1 between normalised prediction and gold answer."""
+    """Token-level F1 between normalised prediction and gold answer (SQuAD's: 1 when both are empty;
+    :func:`qa_scores` never scores an empty prediction)."""
     p, g = normalize_answer(prediction).split(), normalize_answer(gold).split()
     if not p or not g:
         return float(p == g)
@@ -247,8 +268,15 @@ def token_f1(prediction: str, gold: str) -> float:
 
 
 def qa_scores(prediction: str, aliases: Sequence[str]) -> tuple[float, float]:
-    """(exact match, F1) of a prediction, each the maximum over the gold aliases."""
-    em = max(float(normalize_answer(prediction) == normalize_answer(a)) for a in aliases)
+    """(exact match, F1) of a prediction, each the maximum over the gold aliases.
+
+    A prediction that normalises to nothing (``"."``, ``""``) matches nothing, not even a
+    gold answer that also normalises to nothing (``"---"``).
+    """
+    pred = normalize_answer(prediction)
+    if not pred:
+        return 0.0, 0.0
+    em = max(float(pred == normalize_answer(a)) for a in aliases)
     return em, max(token_f1(prediction, a) for a in aliases)
 
 
@@ -315,11 +343,17 @@ def generate_greedy(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[st
 
 
 def eval_qa(model: torch.nn.Module, tokenizer: Any, items: Sequence[dict], *, fewshot: Sequence[dict] = (),
-            max_new_tokens: int = 16, batch_size: int = 32) -> dict[str, float]:
-    """Closed-book QA: greedy answer after a few-shot prompt; EM and F1 over the aliases."""
+            max_new_tokens: int = 16, batch_size: int = 32, records: list[dict] | None = None) -> dict[str, float]:
+    """Closed-book QA: greedy answer after a few-shot prompt; EM and F1 over the aliases.
+
+    ``records``, when given, gets one ``{"question", "prediction", "answer", "em", "f1"}`` per item.
+    """
     preds = generate_greedy(model, tokenizer, [qa_prompt(it["question"], fewshot) for it in items],
                             max_new_tokens=max_new_tokens, batch_size=batch_size)
     scores = [qa_scores(p, it["answer"]) for p, it in zip(preds, items)]
+    if records is not None:
+        records += [{"question": it["question"], "prediction": p, "answer": it["answer"], "em": e, "f1": f}
+                    for p, it, (e, f) in zip(preds, items, scores)]
     n = max(len(items), 1)
     return {"em": sum(e for e, _ in scores) / n, "f1": sum(f for _, f in scores) / n, "n": len(items)}
 

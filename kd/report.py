@@ -319,10 +319,9 @@ def run_ui(args: argparse.Namespace) -> int:
         "MLFLOW_DISABLE_TELEMETRY", "true")}
     print(f"MLflow UI for {uri}\n  http://127.0.0.1:{args.port}  (Ctrl-C stops it)",
           flush=True)
-    try:
-        return subprocess.call(ui_command(uri, args.port, args.workers), env=env)
-    except KeyboardInterrupt:
-        return 0
+    from kd.serve import serve  # the server's whole process group stops with kd ui
+
+    return serve(ui_command(uri, args.port, args.workers), env=env)
 
 
 def add_parser(subparsers) -> None:

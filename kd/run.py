@@ -77,20 +77,20 @@ def preflight(cfg: KDConfig) -> None:
     """Checks that need files but write nothing to the output: run before any training.
 
     A pretrained student must share the teacher's tokenizer; for a teacher the project
-    trains, that is the data's tokenizer.
+    trains, that is the data's tokenizer. Device, output_dir and batch sizes against the
+    data: :mod:`kd.preflight` (after the tokenizers, which are quicker to check).
     """
+    from kd.preflight import check_output_dir, check_training
+
+    check_output_dir(cfg.output_dir)
     if not cfg.student.source:
+        check_training(cfg)
         return
-    from transformers import AutoTokenizer
+    from kd.preflight import source_tokenizer, teacher_tokenizer
 
-    if cfg.teacher.source == "train":
-        from kd.teacher import data_tokenizer
-
-        teacher_tok = data_tokenizer(cfg)
-    else:
-        teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher.source, trust_remote_code=cfg.teacher.trust_remote_code)
-    student_tok = AutoTokenizer.from_pretrained(cfg.student.source, trust_remote_code=cfg.teacher.trust_remote_code)
-    check_same_tokenizer(teacher_tok, student_tok)
+    student_tok = source_tokenizer("student.source", cfg.student.source, trust_remote_code=cfg.teacher.trust_remote_code)
+    check_same_tokenizer(teacher_tokenizer(cfg), student_tok)
+    check_training(cfg)
 
 
 def distill(

@@ -224,3 +224,22 @@ def test_local_config_renders_for_the_e2e(tmp_path):
     src, new = load(LOCAL), load(dest)
     for key in ("setup_commands", "worker_start_ray_commands", "provider", "rsync_filter"):
         assert src[key] == new[key], key
+
+
+def test_dashboard_stays_on_the_head_and_secrets_stay_out_of_dotfiles():
+    """No Ray port opened to a network; the header says how to reach the dashboard (an ssh
+    tunnel, as ``ray dashboard`` makes); not even a commented example writes a secret into a
+    shell startup file, where every login (and ``ray exec``) would source it."""
+    text = CLOUD.read_text()
+    for path in CONFIGS:
+        for command in all_commands(load(path)):
+            assert "0.0.0.0" not in command, f"{path.name}: {command}"
+    head = " ".join(load(CLOUD)["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    header = text.split("\ncluster_name:")[0]
+    assert "ray dashboard cluster.yaml" in header
+    assert re.search(r"ssh .*-L 8265:127\.0\.0\.1:8265", header), "document the ssh tunnel by hand too"
+    for line in text.splitlines():  # comments included: users copy examples
+        if re.search(r"(?i)password|secret|token", line):
+            assert not re.search(r">>?\s*~?/?\S*(\.bashrc|\.profile|\.bash_profile|\.zshrc|\.env)\b", line), line
+    assert not re.search(r">>?\s*~/\.", text), "nothing is appended to a dotfile, not even in an example"

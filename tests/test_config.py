@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+
 import pytest
 
-from kd.config import ConfigError, KDConfig, flat_keys, load_config, to_flat_dict
+from kd.config import (ALLOWED, COMPILE_MODES, DEVICES, DIVERGENCES, ConfigError, KDConfig, describe_keys,
+                       field_docs, flat_keys, load_config, to_flat_dict, validate)
 
 
 def test_defaults_validate_and_flatten():
@@ -60,3 +65,77 @@ def test_missing_yaml_and_malformed_override(tmp_path):
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(overrides=["loss.temperature"])
 
+
+
+@pytest.mark.parametrize("override", ["loss.temperature=inf", "loss.temperature=nan", "loss.kd_weight=-inf",
+                                      "train.lr=inf", "teacher.lr=NaN", "data.val_fraction=inf"])
+def test_non_finite_numbers_are_refused(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=.* is not allowed: expected a finite number$"):
+        load_config(overrides=[override])
+
+
+def test_validate_refuses_non_finite_values_set_in_code():
+    """A search space hands values to validate() without the command line's parsing."""
+    cfg = KDConfig()
+    cfg.loss.temperature = math.inf
+    with pytest.raises(ConfigError, match=r"loss.temperature=inf is not allowed: expected a finite number"):
+        validate(cfg)
+
+
+def test_an_existing_relative_path_is_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mydata").mkdir()
+    (tmp_path / "my_teacher").mkdir()
+    cfg = load_config(overrides=["data.source=mydata", "teacher.source=my_teacher", "student.n_head=2"])
+    # Absolute, so that it stays the same folder in a sweep trial's working directory.
+    assert cfg.data.source == str(tmp_path / "mydata")
+    assert cfg.teacher.source == str(tmp_path / "my_teacher")
+    # What does not exist stays a hub id; the reserved words are never paths.
+    (tmp_path / "world").mkdir()
+    (tmp_path / "train").mkdir()
+    cfg = load_config(overrides=["data.source=wikitext", "teacher.source=train"])
+    assert cfg.data.source == "wikitext" and cfg.teacher.source == "train"
+    assert load_config().data.source == "world"
+
+
+@pytest.mark.parametrize("text, where, reason", [
+    ("loss:\n  temperature: 2\n   kd_weight: 0.5\n", ":3:13:", "mapping values are not allowed here"),
+    ("loss: {temperature: 2\n", ":2:1:", "expected ',' or '}'"),
+    ("loss:\n\ttemperature: 2\n", ":2:1:", "found character '\\t' that cannot start any token"),
+])
+def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path, text, where, reason):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"YAML syntax error at {f}{where}" in msg and reason in msg, msg
+
+
+def _config_classes() -> list[type]:
+    import kd.config
+
+    return [c for c in vars(kd.config).values()
+            if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == "kd.config"]
+
+
+def test_every_config_field_has_a_docstring():
+    classes = _config_classes()
+    assert KDConfig in classes and len(classes) >= 6
+    missing = [f"{c.__name__}.{name}" for c in classes for name, doc in field_docs(c).items() if not doc.strip()]
+    assert missing == []
+
+
+def test_every_key_says_what_it_allows():
+    assert set(ALLOWED) == set(flat_keys())
+    described = {key: (default, allowed) for key, default, allowed, _ in describe_keys()}
+    assert described["loss.temperature"] == ("2.0", "number > 0")
+    assert described["train.compile"] == ("auto", "auto | true | false")
+    assert described["student.source"][0] == "''"
+    # The choices shown are the ones validate() accepts.
+    for key, choices in (("loss.divergence", DIVERGENCES), ("train.device", DEVICES), ("train.compile", COMPILE_MODES)):
+        for choice in choices:
+            assert choice in described[key][1]
+            load_config(overrides=[f"{key}={choice}"])

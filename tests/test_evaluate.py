@@ -319,3 +319,86 @@ def test_kd_eval_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "lm_eval", None)  # as if the eval extra were missing
     assert _kd_main(["eval", "--model", str(model_dir), "--harness", "lambada_openai"]) == 2
     assert "pip install -e .[eval]" in capsys.readouterr().err
+
+
+def test_an_empty_normalised_prediction_never_matches():
+    """"." and "---" both normalise to "": that is no answer, not a right one."""
+    assert ev.normalize_answer(".") == ev.normalize_answer("---") == ""
+    assert ev.qa_scores(".", ["---"]) == (0.0, 0.0)
+    assert ev.qa_scores("", [""]) == (0.0, 0.0)
+    assert ev.qa_scores("the", ["a"]) == (0.0, 0.0)  # articles alone normalise away too
+    assert ev.qa_scores("Osterby.", ["---", "osterby"]) == (1.0, 1.0)
+
+
+def test_completion_with_explicit_context_and_continuation_scores_that_split():
+    tok, model = tiny_tokenizer(), tiny_model()
+    text = [{"text": "Mara Velin was born in Osterby"}]
+    pair = [{"context": "Mara Velin was born in", "continuation": " Osterby", "text": "ignored when split"}]
+    records: list[dict] = []
+    assert ev.eval_completion(model, tok, pair, records=records) == pytest.approx(ev.eval_completion(model, tok, text))
+    assert records[0]["target"] == " Osterby" and set(records[0]) == {"target", "loglik", "correct"}
+
+
+def test_kd_eval_records_data_sha256_and_predictions(tmp_path):
+    import hashlib
+
+    model_dir = saved_model(tmp_path)
+    _, _, qa = sample_items()
+    data = tmp_path / "nq.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in qa))
+    out = tmp_path / "nq.json"
+    assert _kd_main(["eval", "--model", str(model_dir), "--task", "nq_open", "--data", str(data), "--out", str(out),
+                     "--predictions"]) == 0
+    report = json.loads(out.read_text())
+    assert report["data_sha256"] == {str(data): hashlib.sha256(data.read_bytes()).hexdigest()}
+    preds = report["predictions"]["nq_open"]
+    assert [p["question"] for p in preds] == [it["question"] for it in qa]
+    assert all(set(p) == {"question", "prediction", "answer", "em", "f1"} for p in preds)
+    assert report["metrics"]["em"] == pytest.approx(sum(p["em"] for p in preds) / len(preds))
+    # Without the flag: the hash, no per-item outputs.
+    assert _kd_main(["eval", "--model", str(model_dir), "--task", "nq_open", "--data", str(data), "--out",
+                     str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "predictions" not in report and report["data_sha256"][str(data)] == hashlib.sha256(data.read_bytes()).hexdigest()
+
+
+def test_kd_eval_harness_task_without_offline_data_is_one_line_and_fast(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("lm_eval")
+    import time
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = saved_model(tmp_path)
+    capsys.readouterr()  # save_pretrained's own progress bar
+    t0 = time.monotonic()
+    assert _kd_main(["eval", "--model", str(model_dir), "--harness", "lambada_openai"]) == 2
+    assert time.monotonic() - t0 < 15
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "--harness task 'lambada_openai' cannot run offline: its data (EleutherAI/lambada_openai)" in err[0]
+    assert "--include-path" in err[0] and "dataset_path: json" in err[0]
+
+
+def test_kd_eval_refuses_missing_files_and_bad_out_before_loading(tmp_path, capsys):
+    """Checked before the model loads (``--model`` here does not even exist), in one line each."""
+    data = tmp_path / "nq.jsonl"
+    data.write_text(json.dumps({"question": "q", "answer": ["a"]}) + "\n")
+    missing = str(tmp_path / "no-model")
+    cases = [
+        (["--task", "nq_open", "--data", str(tmp_path / "missing.jsonl")], "--data='", "no such file"),
+        (["--task", "nq_open", "--data", str(data), "--fewshot", str(tmp_path / "shots.jsonl")], "--fewshot=",
+         "no such file"),
+        (["--task", "nq_open", "--data", str(data), "--out", str(tmp_path)], "--out=", "it is a directory"),
+        (["--task", "nq_open", "--data", str(data), "--out", str(data / "x.json")], "--out=", "is a file"),
+        (["--task", "nq_open", "--data", str(data)], f"--model={missing!r} could not be loaded", ""),
+    ]
+    for args, key, why in cases:
+        assert _kd_main(["eval", "--model", missing, *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and key in err[0] and why in err[0], (args, err)
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    assert _kd_main(["eval", "--model", str(not_a_model), "--task", "nq_open", "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not be loaded" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "nq.jsonl"]

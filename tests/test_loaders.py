@@ -150,3 +150,25 @@ def test_missing_file_and_unknown_task(tmp_path):
     # offline, a hub id that is not cached fails with a message naming it
     with pytest.raises(ValueError, match="could not load 'no-such-org/no-such-set'"):
         L.load_nq_open("no-such-org/no-such-set")
+
+
+def test_llm_foundry_lambada_and_triviaqa(tmp_path):
+    """llm-foundry's local_data files: LAMBADA as context/continuation, TriviaQA as context/answer/aliases."""
+    lam = _jsonl(tmp_path / "lambada_openai.jsonl", [
+        {"context": "he opened the door and saw his", "continuation": " brother"},
+        {"context": "she sat down and read the", "continuation": "letter"},  # no space on either side
+    ])
+    assert L.load_lambada(lam) == [
+        {"text": "he opened the door and saw his brother", "context": "he opened the door and saw his",
+         "continuation": " brother"},
+        {"text": "she sat down and read the letter", "context": "she sat down and read the",
+         "continuation": " letter"},
+    ]
+    with pytest.raises(ValueError, match=r"lam_bad\.jsonl:1: field 'continuation'"):
+        L.load_lambada(_jsonl(tmp_path / "lam_bad.jsonl", [{"context": "no target here"}]))
+    tq = _jsonl(tmp_path / "triviaqa.jsonl", [
+        {"context": "Which Lloyd Webber musical premiered in the US on 10th December 1993?",
+         "answer": "Sunset Boulevard", "aliases": ["Sunset Blvd", "Sunset Boulevard", "Sunset Blvd."]},
+    ])
+    assert L.load_triviaqa(tq) == [{"question": "Which Lloyd Webber musical premiered in the US on 10th December 1993?",
+                                    "answer": ["Sunset Boulevard", "Sunset Blvd", "Sunset Blvd."]}]
