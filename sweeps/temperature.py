@@ -20,7 +20,7 @@ the other options.
 
 import sys
 
-from kd.sweep_cli import LogUniform, SweepSpec, main
+from kd.sweep import LogUniform, SweepSpec, main
 
 SPEC = SweepSpec(
     name="temperature",

@@ -37,7 +37,7 @@ def runs(store):
 
 def test_analysis_imports_neither_torch_nor_ray(store):
     code = (
-        "import sys, analysis, kd.report\n"
+        "import sys, analysis, analysis.report, analysis.commands, kd.cli\n"
         f"df = analysis.load_runs({store.tracking_uri!r}, 'pareto')\n"
         "analysis.plot_front(analysis.front_frame(df, 'params'))\n"
         "bad = [m for m in ('torch', 'ray') if m in sys.modules]\n"
@@ -244,15 +244,20 @@ def test_size_grid(runs):
 # -------------------------------------------------------------------------- plots
 
 
-def test_save_plots_writes_and_logs(store, tmp_path):
-    paths = analysis.save_plots(store.tracking_uri, store.experiment, tmp_path)
+def test_save_plots_draws_the_frame_it_is_given(store, runs, tmp_path, monkeypatch):
+    sweep = analysis.load_sweep(store.tracking_uri, store.experiment)
+    curves = analysis.learning_curves(store.tracking_uri, runs["run_id"], "val_loss")
+    import mlflow.tracking
+
+    def no_query(*a, **k):
+        raise AssertionError("save_plots queried MLflow")
+
+    monkeypatch.setattr(mlflow.tracking.MlflowClient, "search_runs", no_query)
+    paths = analysis.save_plots(runs, sweep, tmp_path, curves=curves)
     assert set(paths) == {"acc_vs_params", "acc_vs_latency", "acc_vs_temperature",
                           "acc_vs_kd_weight", "size_heatmap", "learning_curves"}
     for p in paths.values():
         assert p.stat().st_size > 10_000
-    logged = {Path(a.path).name for a in
-              MlflowClient(store.tracking_uri).list_artifacts(store.parent_run_id, "plots")}
-    assert logged >= {p.name for p in paths.values()}
 
 
 def test_front_frame_marks_the_front(runs):

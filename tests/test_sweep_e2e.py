@@ -137,12 +137,15 @@ def test_nan_trial_is_failed_in_mlflow_and_the_sweep_goes_on(tmp_path, cache_roo
     """lr=1e30 makes the loss NaN in the first trial; the second trial still finishes."""
     fixed = {k: v for k, v in tiny_overrides.items() if k != "train.threads"}
     script = textwrap.dedent(f"""
-        from kd.sweep import run_sweep
-        from kd.sweep_cli import Choice
-        r = run_sweep("nan_check", {{"train.lr": Choice([1e30, 2e-3])}}, ["acc_mean"], 2, {fixed!r},
-                      output_dir={str(tmp_path / 'sweep')!r}, points=[{{"train.lr": 1e30}}, {{"train.lr": 2e-3}}],
-                      early_stop=False)
-        print(r.summary())
+        from kd.config import KDConfig, apply_overrides
+        from kd.sweep import Choice, SweepOptions, SweepSpec
+        from kd.sweep.driver import run_sweep
+        spec = SweepSpec("nan_check", {{"train.lr": Choice([1e30, 2e-3])}}, ["acc_mean"], budget={{"smoke": 2}},
+                         points=[{{"train.lr": 1e30}}, {{"train.lr": 2e-3}}])
+        options = SweepOptions(output_dir={str(tmp_path / 'sweep')!r}, preset="smoke", budget=2, early_stop=False,
+                               references=False)
+        r = run_sweep(spec, apply_overrides(KDConfig(), {fixed!r}), options)
+        print(r.text())
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(cache_root), capture_output=True,
                           text=True, timeout=420)
