@@ -33,10 +33,10 @@ def _env(cache_root: Path) -> dict[str, str]:
     return env
 
 
-def _sweep(args: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--preset", "smoke",
-                             "--no-report", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+def _sweep(args: list[str], env: dict[str, str], preset: bool = True, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "temperature.py"),
+                             *(["--preset", "smoke"] if preset else []), "--no-report", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def _runs(out: Path) -> tuple[dict, list]:
@@ -73,34 +73,84 @@ def _finish(proc: subprocess.Popen, timeout: float = 420) -> str:
 
 
 def test_interrupted_sweep_resumes_to_exactly_its_budget(tmp_path, cache_root):
-    """SIGINT mid-trial, then --resume: 3 trials, 3 child runs, none RUNNING, trial 1 resumed."""
+    """SIGINT mid-trial, then a bare --resume (no --preset: the sweep's own): 3 searched trials and the
+    CE-only reference, each one child run, none RUNNING, trial 1 resumed, early stopping on."""
     env, out = _env(cache_root), tmp_path / "sweep"
-    args = ["--trials", "3", "--no-early-stop", "--output-dir", str(out), "--set", "train.steps=30"]
-    proc = _sweep(args, env)
+    proc = _sweep(["--trials", "3", "--output-dir", str(out), "--set", "train.steps=30"], env)
     ckpts = lambda: list((out / "ray_results" / "temperature").glob("*/checkpoint_*"))  # noqa: E731
     _wait_for(lambda: len(ckpts()) >= 1, proc, 400, "the first checkpoint")
     proc.send_signal(signal.SIGINT)
     log = _finish(proc, 180)
     assert proc.returncode == 130, log[-3000:]
-    assert "resume with" in log
+    assert "resume with" in log and "--preset" not in log.split("resume with")[-1]
     _, children = _runs(out)
     assert 1 <= len(children) < 3 and not any(r.info.status == "RUNNING" for r in children)
 
-    proc = _sweep(["--resume", *args], env)
+    proc = _sweep(["--resume", "--output-dir", str(out)], env, preset=False)
     log = _finish(proc)
     assert proc.returncode == 0, log[-3000:]
     meta, children = _runs(out)
-    assert len(children) == 3, [r.data.tags.get("kd.trial_id") for r in children]
-    assert sorted(r.info.status for r in children) == ["FINISHED"] * 3
+    roles = sorted(r.data.tags["kd.role"] for r in children)
+    assert roles == ["reference", "trial", "trial", "trial"], roles
+    assert len({r.data.tags["kd.trial_id"] for r in children}) == 4, "one child run per trial"
+    assert not any(r.info.status == "RUNNING" for r in children)
+    assert all(r.data.params["train.steps"] == "30" and r.data.params["data.world_size"] == "tiny"
+               for r in children), "resumed as the smoke sweep it was, with its --set"
     assert meta["parent"].info.status == "FINISHED"
     results = json.loads((out / "results.json").read_text())
-    assert len(results["trials"]) == 3 and all(t["status"] == "FINISHED" for t in results["trials"])
+    assert len(results["trials"]) == 4 and {"teacher", "reference", "best", "verdict"} <= set(results)
     first = [r for r in children if r.data.tags["kd.trial_id"] == results["trials"][0]["trial_id"]][0]
     steps = [m.step for m in meta["client"].get_metric_history(first.info.run_id, "val_loss")]
-    assert steps[0] == 10 and steps[-1] == 30 and steps == sorted(steps), f"resumed, not restarted: {steps}"
+    assert steps[0] == 10 and steps == sorted(steps) and len(steps) == len(set(steps)), f"resumed: {steps}"
     for r in children:
-        assert "loss.temperature" in r.data.params and "acc_mean" in r.data.metrics
-        assert meta["client"].list_artifacts(r.info.run_id, "student"), "student/ artifact"
+        if r.info.status == "FINISHED":  # every run that reached train.steps was evaluated
+            assert "acc_mean" in r.data.metrics and meta["client"].list_artifacts(r.info.run_id, "student")
+        else:  # stopped by ASHA at a rung, evaluated there
+            assert r.info.status == "KILLED" and int(r.data.tags["kd.stopped_step"]) < 30
+            assert "acc_mean" in r.data.metrics
+    again = _sweep(["--resume", "--output-dir", str(out)], env, preset=False)
+    log = _finish(again, 120)
+    assert again.returncode == 0 and "is finished" in log, log[-2000:]
+
+
+def test_asha_stops_a_bad_trial_and_never_one_that_reached_the_last_step(tmp_path, cache_root, tiny_overrides):
+    """Real ASHA on rung_acc_mean at step 10 of 20: the trial made deliberately bad at its rung is
+    stopped there and logged with its accuracy at step 10; the good one trains to the end."""
+    fixed = {k: v for k, v in tiny_overrides.items() if k != "train.threads"}
+    script = textwrap.dedent(f"""
+        from kd.config import KDConfig, apply_overrides
+        from kd.run import distill
+        from kd.sweep import LogUniform, SweepOptions, SweepSpec
+        from kd.sweep.driver import run_sweep
+
+        def runner(cfg, report=None, **kw):  # pickled by value into the trial (defined in __main__)
+            def bad_at_rung(metrics, ckpt):
+                if "acc_mean" in metrics and cfg.loss.temperature > 10:
+                    metrics = {{**metrics, "acc_mean": -1.0}}
+                report(metrics, ckpt)
+            return distill(cfg, report=bad_at_rung, **kw)
+
+        spec = SweepSpec("asha", {{"loss.temperature": LogUniform(0.5, 20.0)}}, ["acc_mean"], budget={{"smoke": 2}},
+                         points=[{{"loss.temperature": 2.0}}, {{"loss.temperature": 15.0}}])
+        options = SweepOptions(output_dir={str(tmp_path / 'sweep')!r}, preset="smoke", budget=2, references=False,
+                               runner=runner)
+        print(run_sweep(spec, apply_overrides(KDConfig(), {fixed!r}), options).text())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(cache_root), capture_output=True,
+                          text=True, timeout=420)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    meta, children = _runs(tmp_path / "sweep")
+    by_t = {float(r.data.params["loss.temperature"]): r for r in children}
+    good, bad = by_t[2.0], by_t[15.0]
+    assert good.info.status == "FINISHED" and "acc_mean" in good.data.metrics
+    steps = [m.step for m in meta["client"].get_metric_history(good.info.run_id, "acc_mean")]
+    assert steps == [10, 20], "scored at its rung and at the end"
+    assert bad.info.status == "KILLED" and bad.data.tags["kd.stopped_step"] == "10"
+    assert "rung_acc_mean" in bad.data.tags["kd.stopped"]
+    assert [(m.step, m.value) for m in meta["client"].get_metric_history(bad.info.run_id, "acc_mean")] == [(10, -1.0)]
+    results = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert sorted(t["status"] for t in results["trials"]) == ["FINISHED", "STOPPED"]
+    assert results["best"]["config"] == {"loss.temperature": 2.0}
 
 
 def test_killed_train_worker_finishes_from_its_checkpoint(tmp_path, cache_root):

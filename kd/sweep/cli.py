@@ -91,8 +91,9 @@ def _resumed(spec: SweepSpec, args: argparse.Namespace, extra: dict[str, Any], s
                               "sweep.json): a resume continues the sweep as it was started; drop the flag, "
                               "or start a new sweep in another --output-dir")
     if extra and extra != state.get("overrides", {}):
-        raise ConfigError(f"--set {extra} contradicts the sweep being resumed (--set {state.get('overrides', {})} "
-                          "in sweep.json): drop --set to resume it as it was started")
+        raise ConfigError(f"--set {_sets(extra)} contradicts the sweep being resumed "
+                          f"(--set {_sets(state.get('overrides', {})) or 'nothing'} in sweep.json): drop --set to "
+                          "resume it as it was started")
     if args.no_early_stop and state.get("early_stop", True):
         raise ConfigError("--no-early-stop contradicts the sweep being resumed (it early-stops): drop the flag")
     stored = SweepSpec(name=state["name"], space=space_from_json(state["space"]), objectives=state["objectives"],
@@ -101,6 +102,10 @@ def _resumed(spec: SweepSpec, args: argparse.Namespace, extra: dict[str, Any], s
     base = apply_overrides(KDConfig(), state["base"])
     validate(base)
     return stored, base, state
+
+
+def _sets(overrides: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in overrides.items())
 
 
 def main(spec: SweepSpec, argv: list[str] | None = None) -> int:

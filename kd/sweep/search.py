@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,10 +57,12 @@ class _OptunaSearch(OptunaSearch):
     the end; the stock searcher indexes ``result[metric]`` on every result and would raise.
     """
 
-    def __init__(self, *args: Any, kd_space: Space, n_points: int, retries: int = 30, **kwargs: Any):
+    def __init__(self, *args: Any, kd_space: Space, n_points: int, seed: int = 0, retries: int = 10,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.kd_space, self.n_points, self.retries = kd_space, n_points, retries
         self.proposed: list[dict[str, Any]] = []
+        self.rng = random.Random(seed)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if isinstance(self.metric, str) and self.metric not in result:
@@ -73,19 +76,44 @@ class _OptunaSearch(OptunaSearch):
         if not isinstance(config, dict):  # FINISHED or nothing to suggest now
             return config
         if len(self.proposed) >= self.n_points:  # the declared first points run as given
-            for _ in range(self.retries):
-                if not any(is_close(config, seen, self.kd_space) for seen in self.proposed):
+            for attempt in range(self.retries + 1):
+                if not self._seen(config):
                     break
-                # Tell Optuna this proposal failed (TPE ignores failed trials) and ask again.
+                # Tell Optuna this proposal failed (TPE ignores failed trials) and ask again;
+                # TPE keeps sampling near its best, so the last attempt is a random new point.
                 self._ot_study.tell(self._ot_trials.pop(trial_id), state=TrialState.FAIL)
+                if attempt == self.retries - 1:
+                    fresh = self._random_new_point()
+                    if fresh is not None:
+                        self._ot_study.enqueue_trial(fresh)
                 config = super().suggest(trial_id)
                 if not isinstance(config, dict):
                     return config
             else:
-                log.warning("no proposal further than 2%% from the %d tried after %d draws: running %s",
-                            len(self.proposed), self.retries, config)
+                log.warning("every point of the space is within 2%% of the %d tried: running %s again",
+                            len(self.proposed), config)
         self.proposed.append(dict(config))
         return config
+
+    def _seen(self, config: dict[str, Any]) -> bool:
+        return any(is_close(config, seen, self.kd_space) for seen in self.proposed)
+
+    def _random_new_point(self, draws: int = 500) -> dict[str, Any] | None:
+        for _ in range(draws):
+            point = {k: _draw(dim, self.rng) for k, dim in self.kd_space.items()}
+            if not self._seen(point):
+                return point
+        return None
+
+
+def _draw(dim: Any, rng: random.Random) -> Any:
+    if isinstance(dim, Choice):
+        return rng.choice(list(dim.values))
+    if isinstance(dim, IntRange):
+        return rng.randint(dim.low, dim.high)
+    if isinstance(dim, LogUniform):
+        return math.exp(rng.uniform(math.log(dim.low), math.log(dim.high)))
+    return rng.uniform(dim.low, dim.high)
 
 
 def searcher(objectives: list[str], space: Space, *, seed: int, budget: int,
@@ -102,7 +130,7 @@ def searcher(objectives: list[str], space: Space, *, seed: int, budget: int,
     else:
         metric, mode = [m for m, _ in pairs], [d for _, d in pairs]
     return _OptunaSearch(metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points or None,
-                         kd_space=space, n_points=len(points or []))
+                         kd_space=space, n_points=len(points or []), seed=seed)
 
 
 @dataclass(frozen=True)
