@@ -20,7 +20,9 @@ def resolve_store(store: str | None, experiment: str | None = None, flag: str = 
     ``runs/sweeps/<experiment>/`` (any experiment when none is named)."""
     if store is None:
         if os.environ.get("MLFLOW_TRACKING_URI"):
-            return os.environ["MLFLOW_TRACKING_URI"]
+            from kd.tracking import env_tracking_uri  # credentials go to MLflow's own variables
+
+            return env_tracking_uri()
         # A sweep script's default output is runs/sweeps/<name>/<date-time>/; an explicit
         # --output-dir runs/sweeps/<name> puts the store one level up.
         name, root = experiment or "*", Path(sweeps_dir)
@@ -32,6 +34,11 @@ def resolve_store(store: str | None, experiment: str | None = None, flag: str = 
                 f"and $MLFLOW_TRACKING_URI); pass {flag} with a sweep's store")
         return f"sqlite:///{found[-1].resolve()}"
     if "://" in store:
+        from kd.tracking import without_credentials
+
+        if without_credentials(store) != store:
+            raise ValueError(f"{flag}: put no password in a URI (it would be printed and written); "
+                             "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")
         return store
     path = Path(store).expanduser()
     if path.is_dir():
@@ -61,7 +68,7 @@ def run_report(args: argparse.Namespace) -> int:
         else:
             out = Path("runs") / "reports" / args.experiment
         path = write_report(uri, args.experiment, out)
-    except (FileNotFoundError, LookupError) as e:
+    except (FileNotFoundError, LookupError, ValueError) as e:
         print(f"kd report: {e}", file=sys.stderr)
         return 2
     print(path)
@@ -72,7 +79,7 @@ def run_ui(args: argparse.Namespace) -> int:
     """``kd ui``: serve the MLflow UI for the store on 127.0.0.1 until interrupted."""
     try:
         uri = resolve_store(args.store)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"kd ui: {e}", file=sys.stderr)
         return 2
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": os.environ.get(

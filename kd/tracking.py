@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -27,9 +28,39 @@ PARENT_TAG = "mlflow.parentRunId"
 RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
 
 
-def tracking_uri(output_dir: str | os.PathLike) -> str:
-    """``$MLFLOW_TRACKING_URI`` if set, else a sqlite store in the sweep's output dir."""
+def without_credentials(uri: str) -> str:
+    """``uri`` with any ``user:password@`` removed (what may be printed or written)."""
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def env_tracking_uri() -> str | None:
+    """``$MLFLOW_TRACKING_URI`` with its credentials moved to MLflow's username/password
+    variables (and the variable itself rewritten, so child processes inherit the clean one)."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
+    if not env:
+        return None
+    parts = urlsplit(env)
+    if parts.username is not None or parts.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password or ""))
+        env = without_credentials(env)
+        os.environ["MLFLOW_TRACKING_URI"] = env
+    return env
+
+
+def tracking_uri(output_dir: str | os.PathLike) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else a sqlite store in the sweep's output dir.
+
+    Credentials in the URI (``http://user:password@host``) move to MLflow's own
+    ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` and the URI is returned
+    without them, so no print, ``sweep.json``, Tune state or report ever holds a secret.
+    """
+    env = env_tracking_uri()
     if env:
         return env
     path = Path(output_dir).expanduser().resolve()

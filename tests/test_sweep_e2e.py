@@ -101,13 +101,18 @@ def test_interrupted_sweep_resumes_to_exactly_its_budget(tmp_path, cache_root):
     assert len(results["trials"]) == 4 and {"teacher", "reference", "best", "verdict"} <= set(results)
     first = [r for r in children if r.data.tags["kd.trial_id"] == results["trials"][0]["trial_id"]][0]
     steps = [m.step for m in meta["client"].get_metric_history(first.info.run_id, "val_loss")]
-    assert steps[0] == 10 and steps == sorted(steps) and len(steps) == len(set(steps)), f"resumed: {steps}"
+    # resumed, not restarted (a restart logs step 10 again after 20); the last step twice:
+    # its evaluation, then the final metrics
+    assert steps == sorted(steps) and sorted(set(steps)) == [10, 20, 30], f"resumed: {steps}"
     for r in children:
         if r.info.status == "FINISHED":  # every run that reached train.steps was evaluated
             assert "acc_mean" in r.data.metrics and meta["client"].list_artifacts(r.info.run_id, "student")
         else:  # stopped by ASHA at a rung, evaluated there
             assert r.info.status == "KILLED" and int(r.data.tags["kd.stopped_step"]) < 30
             assert "acc_mean" in r.data.metrics
+    shapes = {r.data.params["student.n_layer"] + "x" + r.data.params["student.n_embd"] for r in children}
+    assert len(shapes) == 1 and len({r.data.metrics["latency_ms_per_token"] for r in children}) == 1, \
+        "one latency per shape, from the latency pass"
     again = _sweep(["--resume", "--output-dir", str(out)], env, preset=False)
     log = _finish(again, 120)
     assert again.returncode == 0 and "is finished" in log, log[-2000:]
@@ -181,6 +186,21 @@ def test_killed_train_worker_finishes_from_its_checkpoint(tmp_path, cache_root):
     steps = [m.step for m in meta["client"].get_metric_history(child.info.run_id, "val_loss")]
     assert steps[-1] == 60 and 0 not in steps
     assert meta["client"].list_artifacts(child.info.run_id, "student")
+
+
+def test_a_sweep_with_no_successful_trial_fails(tmp_path, cache_root):
+    """Every trial NaNs: exit 1 with the first reason in one line, the parent FAILED (issue 15, item 1)."""
+    env, out = _env(cache_root), tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--preset", "smoke", "--no-report",
+                           "--trials", "1", "--set", "train.lr=1e30", "--output-dir", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "error: no trial of 1 finished; the first failed with: FloatingPointError: loss is" in last, last
+    meta, children = _runs(out)
+    assert meta["parent"].info.status == "FAILED" and "FloatingPointError" in meta["parent"].data.tags["kd.error"]
+    assert [r.info.status for r in children] == ["FAILED"], "no reference or repeats after a failed search"
+    assert json.loads((out / "results.json").read_text())["error"].startswith("no trial of 1 finished")
 
 
 def test_nan_trial_is_failed_in_mlflow_and_the_sweep_goes_on(tmp_path, cache_root, tiny_overrides):

@@ -168,3 +168,54 @@ def test_resume_of_a_finished_sweep_says_finished(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "is finished (2 trials, preset smoke): nothing to resume" in proc.stdout
     assert "interrupted" not in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------ failing fast (issue 15: items 2 and 3)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--address", "127.0.0.1:{port}"], {}, "--address=127.0.0.1:{port}: no Ray there"),
+    ([], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"}, "MLFLOW_TRACKING_URI=http://127.0.0.1:{port} does not answer"),
+    (["--gpu"], {"CUDA_VISIBLE_DEVICES": ""}, "--gpu is not possible here"),
+])
+def test_missing_service_fails_fast_in_one_line_and_strands_nothing(tmp_path, args, env, message):
+    import time
+
+    port = _free_port()
+    out = tmp_path / "out"
+    fmt = lambda v: v.format(port=port)  # noqa: E731
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--preset", "smoke",
+                           "--output-dir", str(out), *map(fmt, args)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "KD_CACHE_DIR": str(tmp_path / "cache"),
+                                           **{k: fmt(v) for k, v in env.items()}})
+    assert time.monotonic() - t0 < 15
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and fmt(message) in errors[0], proc.stderr[-2000:]
+    assert not (out / "sweep.json").exists(), "a sweep that could not start leaves nothing to resume or refuse"
+    assert not (tmp_path / "cache").exists(), "nothing was built"
+
+
+def test_credentials_never_leave_the_environment(monkeypatch, tmp_path):
+    from kd.tracking import tracking_uri, without_credentials
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s%3Acret@127.0.0.1:5001/path")
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    assert tracking_uri(tmp_path) == "http://127.0.0.1:5001/path"
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5001/path", "child processes inherit it clean"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", "s:cret")
+    assert without_credentials("sqlite:////tmp/x/mlflow.db") == "sqlite:////tmp/x/mlflow.db"
+    from analysis.commands import resolve_store
+
+    with pytest.raises(ValueError, match="put no password in a URI"):
+        resolve_store("http://bob:pw@127.0.0.1:5000")

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from kd.config import ConfigError, KDConfig, apply_overrides, parse_overrides, validate
-from kd.sweep.spec import (PRESET_REPEATS, PRESETS, SweepOptions, SweepSpec, check_sweep, space_from_json)
+from kd.sweep.spec import (PRESET_REPEATS, PRESETS, SweepError, SweepOptions, SweepSpec, check_sweep,
+                           space_from_json)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -153,8 +154,13 @@ def main(spec: SweepSpec, argv: list[str] | None = None) -> int:
 
     from kd.sweep.driver import run_sweep  # imports Ray: only after every check passed
 
-    results = run_sweep(run_spec, base, options)
+    try:
+        results = run_sweep(run_spec, base, options)
+    except SweepError as e:
+        _fail(p.prog, str(e), 1)
     print(results.text())
+    if results.error:
+        _fail(p.prog, results.error, 1)
     if results.interrupted:
         print(f"interrupted: resume with  python sweeps/{spec.name}.py --resume --output-dir {output_dir}")
         return 130

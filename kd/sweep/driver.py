@@ -37,9 +37,9 @@ from kd.sweep import finalists, trial  # noqa: E402
 from kd.sweep.mlflow import MLflowTrials  # noqa: E402
 from kd.sweep.results import SweepResults, summarize  # noqa: E402
 from kd.sweep.search import pruning, searcher, to_tune  # noqa: E402
-from kd.sweep.spec import (META, SweepOptions, SweepSpec, base_dict, check_objectives, check_space,  # noqa: E402
-                           space_to_json)
-from kd.sweep.util import dump_json  # noqa: E402
+from kd.sweep.spec import (META, SweepError, SweepOptions, SweepSpec, base_dict, check_objectives,  # noqa: E402
+                           check_space, space_to_json)
+from kd.sweep.util import dump_json, probe_address, probe_tracking  # noqa: E402
 
 
 def _ray_init(address: str | None) -> None:
@@ -136,37 +136,51 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
     out = Path(options.output_dir).expanduser().resolve()
     space, points = spec.for_preset(options.preset)
     check_space(space, base)
-    pairs = check_objectives(spec.objectives)
+    check_objectives(spec.objectives)
     uri = tracking_uri(out)
+    probe_tracking(uri)  # a dead server or cluster fails here in seconds, not after minutes of retries
+    probe_address(options.address)
+    if options.use_gpu and not options.address:
+        import torch
+
+        if not torch.cuda.is_available():  # else the trial waits for a GPU forever (PENDING)
+            raise SweepError("--gpu is not possible here: torch sees no CUDA device on this machine; drop --gpu")
     experiment = options.experiment or spec.name
-    tracker = Tracker(uri, experiment)
     state_file = out / "sweep.json"
-    if options.resume:
-        state = json.loads(state_file.read_text())
-        parent_id = tracker.start_sweep(spec.name, {}, run_id=state["parent_run_id"])
-    else:
-        params = {**{f"fixed.{k}": v for k, v in base_dict(base).items()}, "objectives": ",".join(spec.objectives),
-                  "budget": options.budget, "num_workers": options.num_workers, "preset": options.preset,
-                  "repeats": options.repeats, "space": "; ".join(f"{k}={v}" for k, v in space.items())}
-        parent_id = tracker.start_sweep(spec.name, params)
-        state = _state(spec, base, options, parent_id, uri, experiment)
-        dump_json(state_file, state)
+    state = json.loads(state_file.read_text()) if options.resume else {}
 
     prune = pruning(spec.objectives, base.train.steps, base.train.eval_every) if options.early_stop else None
     if options.prepare:
         _prepare(base)
-    teacher: dict[str, float] = {}
     if options.address and base.loss.teacher_mode == "cache" and not base.loss.soft_labels_dir:
         # A cluster's nodes do not share ~/.cache: keep the soft labels beside the sweep's
         # results, which every node reads (cluster.yaml mounts shared storage there).
         base = apply_overrides(base, {"loss.soft_labels_dir": str(out / "soft_labels")})
     storage = out / "ray_results"
     _ray_init(options.address)
-    results = SweepResults(spec.name, experiment, out, uri, parent_id, spec.objectives)
+    tracker = parent_id = None
     try:
         teacher = _prepare_soft_labels(base) if options.prepare else {}
-        use_gpu = options.use_gpu if options.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        gpus = ray.cluster_resources().get("GPU", 0)
+        use_gpu = options.use_gpu if options.use_gpu is not None else gpus > 0
+        if use_gpu and not gpus and not options.address:  # a local Ray never grows a GPU
+            raise SweepError("--gpu is not possible here: this machine's Ray has no GPU "
+                             f"(resources {dict(ray.cluster_resources())}); drop --gpu")
         resources, threads, fits = _resources(options.num_workers, use_gpu, options.force_train)
+        # Only now is anything durable written: a sweep that could not start leaves no
+        # sweep.json (a rerun is not refused, a bare --resume does not pick this folder).
+        tracker = Tracker(uri, experiment)
+        if options.resume:
+            parent_id = tracker.start_sweep(spec.name, {}, run_id=state["parent_run_id"])
+        else:
+            params = {**{f"fixed.{k}": v for k, v in base_dict(base).items()},
+                      "objectives": ",".join(spec.objectives), "budget": options.budget,
+                      "num_workers": options.num_workers, "preset": options.preset, "repeats": options.repeats,
+                      "space": "; ".join(f"{k}={v}" for k, v in space.items())}
+            parent_id = tracker.start_sweep(spec.name, params)
+            state = _state(spec, base, options, parent_id, uri, experiment)
+            dump_json(state_file, state)
+        results = SweepResults(spec.name, experiment, out, uri, parent_id, spec.objectives)
         meta = {"trials_dir": str(out / "trials"), "threads": threads, "num_workers": options.num_workers,
                 "use_gpu": use_gpu, "max_failures": options.max_failures, "storage_path": str(storage),
                 "base": base_dict(base), "searched": sorted(space), "prune": prune.meta() if prune else None}
@@ -203,6 +217,11 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
         results.trials = finalists.collect(grid, tracker, parent_id, role="trial")
         if not complete:
             return _interrupted(results, tracker, started)
+        if not any(t["status"] == "FINISHED" for t in results.trials):
+            reasons = [t["error"] for t in results.trials if t["error"]]
+            results.error = (f"no trial of {len(results.trials)} finished; the first failed with: "
+                             f"{reasons[0] if reasons else 'no reason recorded'}")
+            return _ended(results, tracker, started, "FAILED")
         finalists.mark_references(results.trials, tracker)
         name2 = f"{spec.name}-finalists"
         variants = state.get("variants")
@@ -218,6 +237,11 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
             results.trials += finalists.collect(grid2, tracker, parent_id, role=None)
             if not complete:
                 return _interrupted(results, tracker, started)
+    except BaseException as e:
+        if tracker is not None and parent_id is not None and not isinstance(e, KeyboardInterrupt):
+            tracker.client.set_tag(parent_id, "kd.error", f"{type(e).__name__}: {e}"[:5000])
+            tracker.end_sweep(parent_id, "FAILED")
+        raise
     finally:
         if not options.address:
             ray.shutdown()
@@ -242,8 +266,14 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
 
 def _interrupted(results: SweepResults, tracker, started: float) -> SweepResults:
     results.interrupted = True
+    return _ended(results, tracker, started, "KILLED")
+
+
+def _ended(results: SweepResults, tracker, started: float, status: str) -> SweepResults:
     results.wall_time_s = time.time() - started
-    tracker.end_sweep(results.parent_run_id, "KILLED")
+    if results.error:
+        tracker.client.set_tag(results.parent_run_id, "kd.error", results.error[:5000])
+    tracker.end_sweep(results.parent_run_id, status)
     _write_results(results)
     return results
 
@@ -252,7 +282,7 @@ def _write_results(results: SweepResults) -> None:
     dump_json(results.output_dir / "results.json", {
         "sweep": results.name, "experiment": results.experiment, "tracking_uri": results.tracking_uri,
         "parent_run_id": results.parent_run_id, "wall_time_s": results.wall_time_s,
-        "interrupted": results.interrupted, "objectives": results.objectives,
+        "interrupted": results.interrupted, "error": results.error, "objectives": results.objectives,
         **results.summary, "trials": results.trials})
 
 

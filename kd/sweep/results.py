@@ -39,6 +39,8 @@ class SweepResults:
     """teacher, reference, best or front, configs, verdict (see :func:`summarize`)."""
     wall_time_s: float = 0.0
     interrupted: bool = False
+    error: str | None = None
+    """Why the sweep failed (no searched trial finished), else None."""
 
     def best(self, metric: str | None = None) -> dict[str, Any] | None:
         """The finished searched trial best on ``metric`` (default: the first objective)."""

@@ -19,6 +19,10 @@ from typing import Any, Callable, Union
 from kd.config import ConfigError, KDConfig, apply_overrides, to_flat_dict, validate
 from kd.metrics import METRICS, direction
 
+class SweepError(RuntimeError):
+    """A sweep that cannot run here (no GPU, no cluster, no tracking server): one line for people."""
+
+
 META = "kd"  # the key of the sweep's own settings inside a trial's Tune config
 VARIANT = "kd_variant"  # a finalist's fixed overrides and role (reference, repeat)
 

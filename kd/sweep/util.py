@@ -26,3 +26,43 @@ def _finite(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_finite(x) for x in v]
     return v
+
+
+def probe_tracking(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, in one line, when an MLflow server is not there (MLflow itself
+    retries for minutes and ends in a long traceback)."""
+    import urllib.error
+    import urllib.request
+
+    from kd.sweep.spec import SweepError
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return  # it answers (an auth proxy may refuse /health): MLflow will say more
+    except (OSError, ValueError) as e:
+        raise SweepError(f"MLFLOW_TRACKING_URI={uri} does not answer ({getattr(e, 'reason', e)}): start the "
+                         "tracking server, or unset MLFLOW_TRACKING_URI to log to a local mlflow.db") from None
+
+
+def probe_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, in one line, when ``--address host:port`` has no Ray listening
+    (``ray.init`` retries for minutes). ``auto`` is left to Ray, which fails fast."""
+    import socket
+
+    from kd.sweep.spec import SweepError
+
+    if not address or address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise SweepError(f"--address={address!r} is not allowed: give auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise SweepError(f"--address={address}: no Ray there ({e.strerror or e}); start the cluster "
+                         "(ray up / ray start --head) or drop --address for a local Ray") from None
