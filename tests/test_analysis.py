@@ -269,3 +269,33 @@ def test_front_frame_marks_the_front(runs):
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == \
         ["dominated", "Pareto front", "teacher"]
+
+
+def _runs_with_every_state() -> pd.DataFrame:
+    rows = [  # run_id, role, status, stopped_step, T, kd_weight, acc_mean, val_loss
+        ("a", "trial", "FINISHED", np.nan, 2.0, 0.5, 0.30, 2.0),
+        ("b", "trial", "KILLED", 10.0, 8.0, 0.5, 0.10, 3.0),
+        ("c", "trial", "FAILED", np.nan, 4.0, 0.5, np.nan, 9.0),
+        ("r", "reference", "FINISHED", np.nan, 2.0, 0.0, 0.20, 2.5),
+        ("a1", "repeat", "FINISHED", np.nan, 2.0, 0.5, 0.28, 2.1),
+    ]
+    df = pd.DataFrame(rows, columns=["run_id", "role", "status", "stopped_step", "loss.temperature",
+                                     "loss.kd_weight", "acc_mean", "val_loss"])
+    df["trial_id"], df["train.steps"], df["train.seed"] = df["run_id"], 20, [0, 0, 0, 0, 1]
+    return df
+
+
+def test_knob_frame_has_every_trial_marked_for_what_it_is():
+    df = _runs_with_every_state()
+    frame = analysis.knob_frame(df, "loss.temperature")
+    assert list(frame["run_id"]) == ["a", "b", "c", "a1"], "every searched run; the reference has no temperature"
+    assert list(frame["state"]) == ["finished", "stopped", "failed", "finished"]
+    assert frame["acc_mean"].isna().tolist() == [False, False, True, False], "accuracy where evaluated"
+    assert frame["val_loss"].notna().all() and list(frame["step"]) == [20, 10, 20, 20]
+    assert "r" in set(analysis.knob_frame(df, "loss.kd_weight")["run_id"]), "the reference sits at kd_weight 0"
+    sens = analysis.sensitivity(df, "loss.temperature", "acc_mean")
+    assert sens.set_index("loss.temperature").loc[2.0, "n"] == 2, "seed repeats pooled, the reference not"
+    fig = analysis.plot_knob(frame, sens, reference=(0.2, 0.01))
+    top, bottom = fig.axes
+    assert len(top.collections) >= 2 and len(bottom.collections) == 3  # finished, stopped / and failed below
+    assert "early-stopped (at its step)" in [t.get_text() for t in top.get_legend().get_texts()]

@@ -227,7 +227,7 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
         variants = state.get("variants")
         if variants is None:  # chosen once, from the search's records, and kept for a resume
             variants = finalists.variants(results.trials, spec.objectives, base, repeats=options.repeats,
-                                          references=options.references)
+                                          references=options.references, anchor=(points or [None])[0])
             state.update(variants=variants, phase="finalists", **{f"n_{name2}": len(variants)})
             dump_json(state_file, state)
         if variants:

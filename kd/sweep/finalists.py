@@ -76,16 +76,22 @@ def mark_references(trials: list[dict[str, Any]], tracker) -> None:
 
 
 def variants(trials: list[dict[str, Any]], objectives: list[str], base: KDConfig, *, repeats: int,
-             references: bool = True) -> list[dict[str, Any]]:
-    """The finalist runs: ``{"role", "of", "overrides"}`` each (JSON, kept in sweep.json)."""
+             references: bool = True, anchor: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The finalist runs: ``{"role", "of", "overrides"}`` each (JSON, kept in sweep.json).
+
+    ``anchor``: the sweep's first declared point; where the sweep searches the student's
+    shape, the reference takes that point's shape (the base config's default shape would
+    be arbitrary).
+    """
     seed0 = base.train.seed
+    shape = {k: v for k, v in (anchor or {}).items() if k.startswith("student.")}
     out: list[dict[str, Any]] = []
     if references:
         done = [t for t in trials if t["role"] == "reference" and t["status"] == "FINISHED"]
         of = done[0]["trial_id"] if done else ""
         for i in range(len(done), max(repeats, 1)):
             out.append({"role": "reference", "of": of,
-                        "overrides": {"loss.kd_weight": 0.0, "train.seed": seed0 + i}})
+                        "overrides": {**shape, "loss.kd_weight": 0.0, "train.seed": seed0 + i}})
     if repeats > 1:
         if len(objectives) == 1:
             best = best_trial(trials, objectives[0])

@@ -97,7 +97,7 @@ def front_trials(trials: list[dict[str, Any]], objectives: list[str]) -> list[di
 def config_of(trial: dict[str, Any]) -> dict[str, Any]:
     """A trial's configuration: what identifies it across seeds."""
     if trial.get("role") == "reference":
-        return {"loss.kd_weight": 0.0}
+        return {"loss.kd_weight": 0.0, **{k: v for k, v in trial["params"].items() if k.startswith("student.")}}
     return {k: v for k, v in trial["params"].items() if k != SEED}
 
 
@@ -154,10 +154,12 @@ def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, re
         text = f"The Pareto front has {len(ok)} configuration{'s' if len(ok) != 1 else ''}"
         if reference and m in reference["mean"]:
             beat = [e for e in ok if _beats(e, reference, m, sign)]
-            spread_known = all(m in e["std"] for e in ok) and m in reference["std"]
-            text += (f"; {len(beat)} of them beat the CE-only reference's {m} ({_pm(reference, m)})"
-                     + (" by more than the seed spread" if spread_known else
-                        " by their mean, but with one seed the spread is unknown"))
+            ref = f"the CE-only reference's {m} ({_pm(reference, m)})"
+            if all(m in e["std"] for e in ok) and m in reference["std"]:
+                text += f"; {len(beat)} of them beat {ref} by more than the seed spread"
+            else:
+                text += (f"; {len(beat)} of them are above {ref} by their mean, but with one seed the spread "
+                         "is unknown, so that is not a verdict")
         return text + "."
     if best is None or m not in best["mean"]:
         return f"No searched trial finished with {m}, so the sweep found nothing to report."
