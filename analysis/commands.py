@@ -34,7 +34,7 @@ def resolve_store(store: str | None, experiment: str | None = None, flag: str = 
                 f"and $MLFLOW_TRACKING_URI); pass {flag} with a sweep's store")
         return f"sqlite:///{found[-1].resolve()}"
     if "://" in store:
-        from kd.tracking import without_credentials
+        from kd.sweep.util import without_credentials
 
         if without_credentials(store) != store:
             raise ValueError(f"{flag}: put no password in a URI (it would be printed and written); "

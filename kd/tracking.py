@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -23,19 +23,10 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from kd.metrics import METRICS  # noqa: E402
+from kd.sweep.util import without_credentials  # noqa: E402,F401  (re-exported)
 
 PARENT_TAG = "mlflow.parentRunId"
 RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
-
-
-def without_credentials(uri: str) -> str:
-    """``uri`` with any ``user:password@`` removed (what may be printed or written)."""
-    parts = urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def env_tracking_uri() -> str | None:

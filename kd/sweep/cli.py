@@ -20,6 +20,7 @@ from typing import Any
 from kd.config import ConfigError, KDConfig, apply_overrides, parse_overrides, validate
 from kd.sweep.spec import (PRESET_REPEATS, PRESETS, SweepError, SweepOptions, SweepSpec, check_sweep,
                            space_from_json)
+from kd.sweep.util import preflight
 
 
 class _Parser(argparse.ArgumentParser):
@@ -152,9 +153,10 @@ def main(spec: SweepSpec, argv: list[str] | None = None) -> int:
         seed=seed, repeats=repeats, references=references,
     )
 
-    from kd.sweep.driver import run_sweep  # imports Ray: only after every check passed
-
     try:
+        preflight(bool(options.use_gpu), options.address)  # a dead service fails before Ray is imported
+        from kd.sweep.driver import run_sweep  # imports Ray: only after every check passed
+
         results = run_sweep(run_spec, base, options)
     except SweepError as e:
         _fail(p.prog, str(e), 1)

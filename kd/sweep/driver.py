@@ -39,7 +39,7 @@ from kd.sweep.results import SweepResults, summarize  # noqa: E402
 from kd.sweep.search import pruning, searcher, to_tune  # noqa: E402
 from kd.sweep.spec import (META, SweepError, SweepOptions, SweepSpec, base_dict, check_objectives,  # noqa: E402
                            check_space, space_to_json)
-from kd.sweep.util import dump_json, probe_address, probe_tracking  # noqa: E402
+from kd.sweep.util import dump_json, preflight  # noqa: E402
 
 
 def _ray_init(address: str | None) -> None:
@@ -138,13 +138,7 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
     check_space(space, base)
     check_objectives(spec.objectives)
     uri = tracking_uri(out)
-    probe_tracking(uri)  # a dead server or cluster fails here in seconds, not after minutes of retries
-    probe_address(options.address)
-    if options.use_gpu and not options.address:
-        import torch
-
-        if not torch.cuda.is_available():  # else the trial waits for a GPU forever (PENDING)
-            raise SweepError("--gpu is not possible here: torch sees no CUDA device on this machine; drop --gpu")
+    preflight(bool(options.use_gpu), options.address)  # seconds, not minutes of retries (kd.sweep.cli ran it too)
     experiment = options.experiment or spec.name
     state_file = out / "sweep.json"
     state = json.loads(state_file.read_text()) if options.resume else {}

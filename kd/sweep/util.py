@@ -7,6 +7,17 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+
+def without_credentials(uri: str) -> str:
+    """``uri`` with any ``user:password@`` removed (what may be printed or written)."""
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def dump_json(path: Path, data: Any) -> None:
@@ -38,6 +49,7 @@ def probe_tracking(uri: str, timeout_s: float = 5.0) -> None:
 
     if not uri.startswith(("http://", "https://")):
         return
+    uri = without_credentials(uri)
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
             return
@@ -66,3 +78,17 @@ def probe_address(address: str | None, timeout_s: float = 5.0) -> None:
     except OSError as e:
         raise SweepError(f"--address={address}: no Ray there ({e.strerror or e}); start the cluster "
                          "(ray up / ray start --head) or drop --address for a local Ray") from None
+
+
+def preflight(use_gpu: bool, address: str | None) -> None:
+    """The checks that need no Ray, run before Ray or torch is even imported where possible:
+    the tracking server, the cluster address, and a GPU for ``--gpu`` on a local Ray."""
+    probe_tracking(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    probe_address(address)
+    if use_gpu and not address:
+        import torch
+
+        from kd.sweep.spec import SweepError
+
+        if not torch.cuda.is_available():  # else the trial waits for a GPU forever (PENDING)
+            raise SweepError("--gpu is not possible here: torch sees no CUDA device on this machine; drop --gpu")
