@@ -178,11 +178,13 @@ def test_killed_train_worker_finishes_from_its_checkpoint(tmp_path, cache_root):
     log = _finish(proc)
     assert proc.returncode == 0, log[-3000:]
     results = json.loads((out / "results.json").read_text())
-    (trial,) = results["trials"]
+    (trial,) = [t for t in results["trials"] if t["role"] == "trial"]
     assert trial["status"] == "FINISHED", trial
     assert trial["metrics"]["kd_restarts"] == 1, "the worker group restarted from a checkpoint"
     assert trial["metrics"]["step"] == 60
-    meta, (child,) = _runs(out)
+    assert [t["status"] for t in results["trials"] if t["role"] == "reference"] == ["FINISHED"]
+    meta, children = _runs(out)
+    (child,) = [r for r in children if r.data.tags["kd.role"] == "trial"]
     steps = [m.step for m in meta["client"].get_metric_history(child.info.run_id, "val_loss")]
     assert steps[-1] == 60 and 0 not in steps
     assert meta["client"].list_artifacts(child.info.run_id, "student")

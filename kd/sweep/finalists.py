@@ -18,10 +18,10 @@ from typing import Any
 
 from kd.config import KDConfig
 from kd.sweep.results import best_trial, front_trials
-from kd.sweep.spec import META, VARIANT
+from kd.sweep.spec import META, VARIANT, trial_config
 
 MAX_FRONT = 6  # front members re-run with seeds (a large front would double the sweep)
-_TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})")
+_TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})_")  # grid trials / searcher trials
 
 
 def _py(v: Any) -> Any:
@@ -41,8 +41,6 @@ def collect(grid, tracker, parent_id: str, role: str | None) -> list[dict[str, A
             found = _TRIAL_ID.search(str(result.path or ""))
             tid = found.group(1) if found else ""
         meta, variant = config.get(META, {}), config.get(VARIANT) or {}
-        from kd.sweep.spec import trial_config
-
         cfg = trial_config(meta.get("base", {}), config)
         values = {**config, **variant.get("overrides", {})}
         run = runs.get(tid)
