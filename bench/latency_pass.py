@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         n_layer, n_embd = map(int, shape.split("x"))
         torch.manual_seed(0)
         cfg = GPT2Config(vocab_size=args.vocab, n_layer=n_layer, n_embd=n_embd, n_head=max(1, n_embd // 64),
-                         n_positions=256)
+                         n_positions=256, bos_token_id=0, eos_token_id=0)
         models[shape] = (GPT2LMHeadModel(cfg).eval(), None)
     passes = [time_models(models) for _ in range(args.passes)]
     print(f"{args.passes} passes of {REPEATS} interleaved repeats, {THREADS} thread, vocab {args.vocab}\n")
