@@ -40,6 +40,9 @@ def cluster(tmp_path):
                     "rsync netcat-openbsd")
     env = {k: os.environ[k] for k in (
         "KD_CACHE_DIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_VERBOSITY",
+        # a checkout run through PYTHONPATH (a worktree beside an installed copy) must be
+        # the code the head imports, not the installed one
+        "PYTHONPATH",
     ) if k in os.environ}
     env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     # MLFLOW_TRACKING_URI is deliberately not passed on: the remote shell starts from a
