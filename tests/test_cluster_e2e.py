@@ -86,7 +86,8 @@ def test_ray_up_submit_down(cluster, tmp_path):
     assert set(children["status"]) <= {"FINISHED", "KILLED"}, children["status"]
     assert children["metrics.acc_mean"].notna().all(), "stopped trials are evaluated where they stopped"
     killed = children[children["status"] == "KILLED"]
-    assert killed["tags.kd.stopped_step"].notna().all()
+    if len(killed):  # the column exists only when some run carries the tag
+        assert killed["tags.kd.stopped_step"].notna().all()
     finished = children[children["status"] == "FINISHED"]
     assert len(finished) >= 1
     assert children["params.loss.temperature"].notna().all()
