@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 #: Columns every frame from :func:`load_runs` has, before the params and metrics.
-RUN_COLUMNS = ("run_id", "run_name", "trial_id", "status", "error", "parent_run_id",
-               "start_time", "end_time")
+RUN_COLUMNS = ("run_id", "run_name", "trial_id", "role", "status", "error", "stopped_step",
+               "parent_run_id", "start_time", "end_time")
 
 
 @dataclass
@@ -30,6 +30,8 @@ class Sweep:
     params: dict[str, Any] = field(default_factory=dict)
     teacher: dict[str, float] = field(default_factory=dict)
     """The parent's ``teacher_*`` metrics with the prefix removed."""
+    verdict: str = ""
+    """The sentence the sweep ended with (tag ``kd.verdict``; see kd.sweep.results)."""
 
 
 def _client(tracking_uri: str):
@@ -89,7 +91,8 @@ def load_sweep(tracking_uri: str, experiment: str, parent_run_id: str | None = N
                if k.startswith("teacher_")}
     params = {k: _parse_value(v) for k, v in parent.data.params.items()}
     return Sweep(run_id=parent.info.run_id, experiment_id=exp_id,
-                 name=parent.info.run_name or "", params=params, teacher=teacher)
+                 name=parent.info.run_name or "", params=params, teacher=teacher,
+                 verdict=parent.data.tags.get("kd.verdict", ""))
 
 
 def load_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = None,
@@ -103,8 +106,8 @@ def load_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = No
         sweep: an already loaded :class:`Sweep` (saves a query).
 
     Returns:
-        Columns ``run_id, run_name, trial_id, status, error, parent_run_id, start_time,
-        end_time``, then one column per param under its MLflow key (``loss.temperature``,
+        Columns ``run_id, run_name, trial_id, role (trial|reference|repeat), status, error,
+        stopped_step (NaN unless ASHA stopped it), parent_run_id, start_time, end_time``, then one column per param under its MLflow key (``loss.temperature``,
         ``student.n_layer``, ...), typed, then one column per metric (its final, i.e.
         latest-step value; NaN where a run never logged it, e.g. a failed trial), then the
         parent's teacher metrics as constant ``teacher_*`` columns. Sorted by start time.
@@ -121,8 +124,11 @@ def load_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = No
             "run_id": run.info.run_id,
             "run_name": run.info.run_name,
             "trial_id": tags.get("kd.trial_id", ""),
+            "role": tags.get("kd.role", "trial"),
             "status": run.info.status,
             "error": tags.get("kd.error", ""),
+            # an early-stopped trial: KILLED, evaluated at the step it reached
+            "stopped_step": float(tags["kd.stopped_step"]) if "kd.stopped_step" in tags else np.nan,
             "parent_run_id": sweep.run_id,
             "start_time": pd.to_datetime(run.info.start_time, unit="ms", utc=True),
             "end_time": (pd.to_datetime(run.info.end_time, unit="ms", utc=True)
@@ -153,8 +159,19 @@ def load_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = No
 
 
 def finished(df: pd.DataFrame) -> pd.DataFrame:
-    """Only the trials whose status is FINISHED."""
+    """Only the trials whose status is FINISHED (trained to the full budget)."""
     return df[df["status"] == "FINISHED"]
+
+
+def evaluated(df: pd.DataFrame) -> pd.DataFrame:
+    """Finished trials and early-stopped ones (evaluated at the step they reached)."""
+    stopped = df["stopped_step"].notna() if "stopped_step" in df.columns else False
+    return df[(df["status"] == "FINISHED") | stopped]
+
+
+def searched(df: pd.DataFrame) -> pd.DataFrame:
+    """The searched trials and their seed repeats, without the CE-only references."""
+    return df[df["role"] != "reference"] if "role" in df.columns else df
 
 
 def learning_curves(tracking_uri: str, run_ids, metric: str = "val_loss") -> pd.DataFrame:

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.load import finished, learning_curves, load_runs, load_sweep
+from analysis.load import Sweep, finished, learning_curves
 from analysis.pareto import objective_directions, pareto_mask
-from analysis.sensitivity import sensitivity, size_grid
+from analysis.knobs import knob_frame, sensitivity, size_grid
 from kd.metrics import METRICS
 
 FRONT_COLOR, DOMINATED_COLOR, TEACHER_COLOR = "#1f77b4", "#9e9e9e", "#d62728"
@@ -95,6 +95,52 @@ def plot_sensitivity(sens: pd.DataFrame, teacher: dict[str, float] | None = None
     return fig
 
 
+def plot_knob(frame: pd.DataFrame, sens: pd.DataFrame | None = None,
+              reference: tuple[float, float] | None = None, teacher: dict[str, float] | None = None) -> Figure:
+    """Every trial of a :func:`knob_frame` against its knob, in two panels.
+
+    Top: the metric of each evaluated trial (filled: trained to the full budget; hollow:
+    early-stopped, evaluated at the step it reached), the mean +- seed std of each value
+    from ``sens`` where there are repeats, the CE-only ``reference`` (mean, std) as a band.
+    Bottom: validation loss at the last step each trial reached, for every trial.
+    """
+    param, metric = frame.attrs["param"], frame.attrs["metric"]
+    fig = Figure(figsize=(6.4, 6.0), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    styles = {"finished": dict(edgecolors=FRONT_COLOR, marker="o", facecolors=FRONT_COLOR),
+              "stopped": dict(edgecolors=DOMINATED_COLOR, marker="o", facecolors="none")}
+    for state, g in frame.groupby("state"):
+        style = styles.get(state, dict(color=TEACHER_COLOR, marker="x"))  # failed, interrupted
+        label = {"finished": "finished", "stopped": "early-stopped (at its step)"}.get(state, state)
+        ok = g[np.isfinite(g[metric].to_numpy(dtype=float))]
+        if len(ok):
+            top.scatter(ok[param], ok[metric], s=36, label=label, zorder=3, **style)
+        loss = g[np.isfinite(g["val_loss"].to_numpy(dtype=float))]
+        if len(loss):
+            bottom.scatter(loss[param], loss["val_loss"], s=30, label=label, **style)
+    if sens is not None and len(sens) and (sens["n"] > 1).any():
+        rep = sens[sens["n"] > 1]
+        top.errorbar(rep[param], rep["mean"], yerr=rep["std"].fillna(0.0), fmt="s", color="k", capsize=4,
+                     ms=5, label="mean +- std over seeds", zorder=4)
+    if reference is not None and np.isfinite(reference[0]):
+        mean, std = reference
+        top.axhline(mean, color="#2ca02c", ls="--", lw=1, label="CE-only reference")
+        if np.isfinite(std) and std > 0:
+            top.axhspan(mean - std, mean + std, color="#2ca02c", alpha=0.12)
+    if teacher and metric in teacher:
+        top.axhline(teacher[metric], color=TEACHER_COLOR, ls=":", lw=1, label="teacher")
+    if param in ("loss.temperature",):
+        top.set_xscale("log")
+    top.set_ylabel(_label(metric))
+    bottom.set_ylabel("val_loss at last step reached")
+    bottom.set_xlabel(param)
+    top.set_title(f"{metric} vs {param}: all {len(frame)} trials")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    top.legend(fontsize=7)
+    return fig
+
+
 def plot_heatmap(grid: pd.DataFrame) -> Figure:
     """A :func:`size_grid` as a depth x width heatmap, each cell annotated."""
     fig = Figure(figsize=(5.6, 4.2), layout="constrained")
@@ -139,47 +185,53 @@ def _varies(df: pd.DataFrame, col: str) -> bool:
     return col in df.columns and finished(df)[col].nunique(dropna=True) > 1
 
 
-def save_plots(tracking_uri: str, experiment: str, out_dir: str | Path,
-               parent_run_id: str | None = None, log_artifacts: bool = True
-               ) -> dict[str, Path]:
-    """Draw every plot the sweep's data supports, write PNGs, log them to the parent run.
+def save_plots(df: pd.DataFrame, sweep: Sweep, out_dir: str | Path,
+               curves: pd.DataFrame | None = None) -> dict[str, Path]:
+    """Draw every plot the sweep's frame supports and write PNGs (MLflow is not queried).
+
+    Args:
+        df: the sweep's runs (:func:`analysis.load_runs`); sweep: its parent
+            (:func:`analysis.load_sweep`); curves: :func:`analysis.learning_curves` of
+            ``val_loss``, if a learning-curve plot is wanted.
 
     Front plots need ``acc_mean`` with ``params`` / ``latency_ms_per_token``; the
     temperature and kd_weight plots need two or more values of the knob; the heatmap needs
-    depth or width to vary; learning curves need a ``val_loss`` history.
+    depth or width to vary.
 
     Returns:
-        ``{"acc_vs_params": Path(...), ...}`` for the files written, under ``out_dir``;
-        logged under ``plots/`` of the parent run when ``log_artifacts``.
+        ``{"acc_vs_params": Path(...), ...}`` for the files written, under ``out_dir``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sweep = load_sweep(tracking_uri, experiment, parent_run_id)
-    df = load_runs(tracking_uri, experiment, sweep=sweep)
     figs: dict[str, Figure] = {}
     for x, name in (("params", "acc_vs_params"), ("latency_ms_per_token", "acc_vs_latency")):
         if {x, "acc_mean"} <= set(df.columns) and len(front_frame(df, x)):
             figs[name] = plot_front(front_frame(df, x), sweep.teacher)
+    ref = _reference(df, "acc_mean")
     for param, name in (("loss.temperature", "acc_vs_temperature"),
                         ("loss.kd_weight", "acc_vs_kd_weight")):
         if _varies(df, param) and "acc_mean" in df.columns:
             sens = sensitivity(df, param, "acc_mean", hold="others")
-            figs[name] = plot_sensitivity(sens, sweep.teacher)
+            figs[name] = plot_knob(knob_frame(df, param), sens,
+                                   None if param == "loss.kd_weight" else ref, sweep.teacher)
     if (_varies(df, "student.n_layer") or _varies(df, "student.n_embd")) \
             and "acc_mean" in df.columns:
         figs["size_heatmap"] = plot_heatmap(size_grid(df, "acc_mean"))
-    curves = learning_curves(tracking_uri, df["run_id"], "val_loss")
-    if len(curves):
+    if curves is not None and len(curves):
         labels = {r["run_id"]: run_label(r) for _, r in df.iterrows()}
         figs["learning_curves"] = plot_learning_curves(curves, labels)
     paths = {}
     for name, fig in figs.items():
         paths[name] = out / f"{name}.png"
         fig.savefig(paths[name], dpi=110)
-    if log_artifacts and paths:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=tracking_uri)
-        for path in paths.values():
-            client.log_artifact(sweep.run_id, str(path), artifact_path="plots")
     return paths
+
+
+def _reference(df: pd.DataFrame, metric: str) -> tuple[float, float] | None:
+    """(mean, std over seeds) of the CE-only reference runs, if the sweep has any."""
+    if "role" not in df.columns or metric not in df.columns:
+        return None
+    ref = finished(df[df["role"] == "reference"])[metric].dropna()
+    if not len(ref):
+        return None
+    return float(ref.mean()), float(ref.std()) if len(ref) > 1 else float("nan")

@@ -1,11 +1,11 @@
 """Sweep wall time with the soft-label cache against the online teacher, in one run.
 
 The demo temperature sweep, reduced to a few fixed temperatures (the same trials in both
-modes, no early stopping), run twice through :func:`kd.sweep.run_sweep`: once with
+modes, no early stopping), run twice through :func:`kd.sweep.driver.run_sweep`: once with
 ``loss.teacher_mode=online`` (every trial loads the teacher and runs it on every batch)
 and once with ``loss.teacher_mode=cache`` (the sweep builds the top-k cache once with Ray
 Data before the trials, into a fresh directory so the build is timed; the trials read
-it). Per-trial settings are ``kd.sweep_cli.PRESETS["demo"]`` plus the temperature sweep's
+it). Per-trial settings are ``kd.sweep.PRESETS["demo"]`` plus the temperature sweep's
 fixed settings. Each trial reports its own peak memory (``ru_maxrss`` of the trial
 process, and its ``VmHWM`` reset at trial start, since Tune reuses the process).
 
@@ -67,7 +67,7 @@ EXTRA: dict = {}  # --set overrides (a reduced run), applied in both modes
 
 
 def _fixed(mode: str, k: int, soft_dir: str) -> dict:
-    from kd.sweep_cli import PRESETS
+    from kd.sweep import PRESETS
 
     fixed = {**PRESETS["demo"], "loss.kd_weight": 0.5, "student.n_layer": 2, "student.n_embd": 128,
              **EXTRA, "loss.teacher_mode": mode}
@@ -94,8 +94,9 @@ def _prepare_teacher(k: int) -> dict:
 
 
 def _sweep(mode: str, temperatures: list[float], k: int, work: Path) -> dict:
-    from kd.sweep import run_sweep
-    from kd.sweep_cli import LogUniform
+    from kd.config import KDConfig, apply_overrides
+    from kd.sweep import LogUniform, SweepOptions, SweepSpec
+    from kd.sweep.driver import run_sweep
 
     soft_dir = work / "soft_labels"
     out = work / mode
@@ -103,9 +104,12 @@ def _sweep(mode: str, temperatures: list[float], k: int, work: Path) -> dict:
     shutil.rmtree(soft_dir, ignore_errors=True)
     points = [{"loss.temperature": t} for t in temperatures]
     t0 = time.time()
-    res = run_sweep(f"soft-label-speed-{mode}", {"loss.temperature": LogUniform(0.5, 20.0)}, ["acc_mean"],
-                    len(points), _fixed(mode, k, str(soft_dir)), output_dir=out, points=points,
-                    early_stop=False, runner="soft_label_speed:distill_measured")
+    spec = SweepSpec(f"soft-label-speed-{mode}", {"loss.temperature": LogUniform(0.5, 20.0)}, ["acc_mean"],
+                     budget={"demo": len(points)}, points=points)
+    # The same trials in both modes, nothing else: no early stopping, reference or repeats.
+    options = SweepOptions(output_dir=out, budget=len(points), early_stop=False, references=False, repeats=1,
+                           runner=distill_measured)
+    res = run_sweep(spec, apply_overrides(KDConfig(), _fixed(mode, k, str(soft_dir))), options)
     wall = time.time() - t0
     trials = []
     for t in res.trials:
@@ -236,8 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     EXTRA.update(parse_overrides(args.overrides))
     k = args.k
     temperatures = [float(t) for t in args.temperatures.split(",")]
-    # The trials import this module as ``soft_label_speed`` (run_sweep's runner=): Ray's
-    # workers inherit the environment of the process that starts Ray.
+    # The trials get distill_measured by value (cloudpickle), and _exactness imports
+    # topk_exactness from bench/: Ray's workers inherit the environment of this process.
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), str(ROOT), os.environ.get("PYTHONPATH", "")])
     sys.path.insert(0, str(ROOT / "bench"))
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="kd-slspeed-"))

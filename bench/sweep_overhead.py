@@ -9,7 +9,7 @@ temperatures ``--temperatures`` given as Optuna's first points, so every way run
 configurations; no ASHA, so every trial runs every step) run three ways, one after the
 other in this process:
 
-- ``tune-in-trial``: :func:`kd.sweep.run_sweep` with one-worker trials (the default): the
+- ``tune-in-trial``: :func:`kd.sweep.driver.run_sweep` with one-worker trials (the default): the
   Tune function trainable runs :func:`kd.run.distill` itself;
 - ``tune-torchtrainer``: the same sweep with ``force_train=True``: every trial launches a
   one-worker ``TorchTrainer`` (what a multi-worker trial pays, with one worker);
@@ -44,7 +44,7 @@ MODES = ("tune-in-trial", "tune-torchtrainer", "plain-loop")
 
 
 def _fixed(args) -> dict:
-    from kd.sweep_cli import PRESETS
+    from kd.sweep import PRESETS
 
     preset = "smoke" if args.quick else "demo"
     fixed = {**PRESETS[preset], "loss.kd_weight": 0.5, "student.n_layer": 2, "student.n_embd": 128,
@@ -82,14 +82,18 @@ def _row(reports: list[dict]) -> dict[str, float]:
 
 
 def run_tune(mode: str, fixed: dict, temps: list[float], out: Path) -> tuple[float, list[dict]]:
-    from kd.sweep import run_sweep
-    from kd.sweep_cli import LogUniform
+    from kd.config import KDConfig, apply_overrides
+    from kd.sweep import LogUniform, SweepOptions, SweepSpec
+    from kd.sweep.driver import run_sweep
 
     name = f"overhead-{mode}"
+    spec = SweepSpec(name, {"loss.temperature": LogUniform(0.5, 20.0)}, ["acc_mean"], budget={"demo": len(temps)},
+                     points=[{"loss.temperature": t} for t in temps])
+    # Only the searched trials are timed: no early stopping, no reference, no repeats.
+    options = SweepOptions(output_dir=out / mode, budget=len(temps), early_stop=False, references=False,
+                           repeats=1, force_train=mode == "tune-torchtrainer", seed=0)
     t0 = time.time()
-    res = run_sweep(name, {"loss.temperature": LogUniform(0.5, 20.0)}, ["acc_mean"], len(temps), fixed,
-                    output_dir=out / mode, points=[{"loss.temperature": t} for t in temps], early_stop=False,
-                    force_train=mode == "tune-torchtrainer", seed=0)
+    res = run_sweep(spec, apply_overrides(KDConfig(), fixed), options)
     wall = time.time() - t0
     bad = [t for t in res.trials if t["status"] != "FINISHED"]
     if bad:

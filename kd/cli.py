@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_distill)
 
     # Sub-commands that live beside the modules they drive.
-    from kd import cli_eval, report
+    from analysis import commands as report  # kd report / kd ui: the analysis layer, from the top
+    from kd import cli_eval
 
     cli_eval.add_parser(sub)
     report.add_parser(sub)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -73,6 +74,27 @@ def teacher_metrics(teacher: torch.nn.Module | None, tokenizer: Any, teacher_sou
     return metrics
 
 
+def _with_tasks(report: Report, student: torch.nn.Module, tokenizer: Any, cfg: KDConfig,
+                steps: set[int]) -> Report:
+    """``report`` with the world's task accuracies added at ``steps`` (before the last)."""
+    world = _world_dir(cfg)
+    if world is None:  # no task sets to score: the rungs see val_loss only
+        return report
+    from kd.evaluate import evaluate_world
+
+    def wrapped(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        step = int(metrics.get("step", -1))
+        if checkpoint_dir is not None and step in steps and step < cfg.train.steps:
+            was = student.training
+            student.eval()
+            with torch.no_grad():
+                metrics = {**metrics, **evaluate_world(student, tokenizer, world)}
+            student.train(was)
+        report(metrics, checkpoint_dir)
+
+    return wrapped
+
+
 def preflight(cfg: KDConfig) -> None:
     """Checks that need files but write nothing to the output: run before any training.
 
@@ -101,11 +123,15 @@ def distill(
     hooks: Hooks | None = None,
     progress: bool = False,
     evaluate: bool = True,
+    eval_steps: Collection[int] = (),
 ) -> dict[str, float]:
     """Distill one student as ``cfg`` says; return its final metrics (teacher's as ``teacher_*``).
 
     Writes ``cfg.output_dir/student/`` and ``cfg.output_dir/metrics.json`` (rank 0).
     ``report`` gets every evaluation and, last, the final metrics with no checkpoint.
+    At the evaluations of ``eval_steps`` (a sweep's early-stopping rungs) rank 0 also
+    scores the student on the world's task sets, so the report carries the objective
+    itself where a scheduler decides (and a stopped trial has its accuracies).
     """
     hooks = hooks or Hooks()
     preflight(cfg)
@@ -147,6 +173,8 @@ def distill(
                                         progress=progress).teacher_fn(device)
     elif cfg.loss.kd_weight > 0:
         teacher_fn = online_teacher(teacher.to(device), n_vocab, device, cfg.train.precision, top_k=cfg.loss.top_k)
+    if report is not None and eval_steps and hooks.rank == 0:
+        report = _with_tasks(report, student, tokenizer, cfg, set(eval_steps))
     final = train(student, blocks.train, blocks.val, n_vocab=n_vocab, loss_cfg=cfg.loss, cfg=cfg.train,
                   teacher=teacher_fn, report=report, checkpoint_dir=out / "checkpoints",
                   resume_from=resume_from, hooks=hooks, progress=progress)

@@ -1,7 +1,7 @@
 """MLflow: one parent run per sweep, one child run per trial (kd/CONTRACTS.md).
 
 The only module in ``kd`` that imports MLflow. It is called from the sweep driver only
-(:mod:`kd.sweep` feeds it Tune's results), so a sweep has a single MLflow writer: a
+(:mod:`kd.sweep.mlflow` feeds it Tune's results), so a sweep has a single MLflow writer: a
 sqlite store never sees two processes writing at once, and trial processes do not pay
 for importing MLflow. Run identity is ours, not Ray's: a child run is found again by its
 ``kd.trial_id`` tag under its parent, so a resumed trial keeps its run (Ray's
@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import unquote, urlsplit
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -22,14 +23,35 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from kd.metrics import METRICS  # noqa: E402
+from kd.sweep.util import without_credentials  # noqa: E402,F401  (re-exported)
 
 PARENT_TAG = "mlflow.parentRunId"
 RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
 
 
-def tracking_uri(output_dir: str | os.PathLike) -> str:
-    """``$MLFLOW_TRACKING_URI`` if set, else a sqlite store in the sweep's output dir."""
+def env_tracking_uri() -> str | None:
+    """``$MLFLOW_TRACKING_URI`` with its credentials moved to MLflow's username/password
+    variables (and the variable itself rewritten, so child processes inherit the clean one)."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
+    if not env:
+        return None
+    parts = urlsplit(env)
+    if parts.username is not None or parts.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password or ""))
+        env = without_credentials(env)
+        os.environ["MLFLOW_TRACKING_URI"] = env
+    return env
+
+
+def tracking_uri(output_dir: str | os.PathLike) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else a sqlite store in the sweep's output dir.
+
+    Credentials in the URI (``http://user:password@host``) move to MLflow's own
+    ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` and the URI is returned
+    without them, so no print, ``sweep.json``, Tune state or report ever holds a secret.
+    """
+    env = env_tracking_uri()
     if env:
         return env
     path = Path(output_dir).expanduser().resolve()
@@ -104,6 +126,46 @@ class Tracker:
         keys = [k for k in metrics if k.startswith("teacher_") and is_metric(k)]
         self.log_metrics(parent_id, _finite_numbers(metrics, keys))
 
+    def teacher_metrics(self, parent_id: str) -> dict[str, float]:
+        """The teacher's metrics logged on the parent, without the ``teacher_`` prefix."""
+        metrics = self.client.get_run(parent_id).data.metrics
+        return {k.removeprefix("teacher_"): v for k, v in metrics.items() if k.startswith("teacher_")}
+
+    def log_summary(self, parent_id: str, summary: dict[str, Any], run_ids: dict[str, str] | None = None) -> None:
+        """A sweep's seed statistics and verdict (see :func:`kd.sweep.results.summarize`).
+
+        On the parent: ``<entry>_<metric>_mean`` / ``_std`` and ``<entry>_n_seeds`` for the
+        reference and the best (or ``front<i>_...``), tag ``kd.verdict``, and the whole
+        summary as artifact ``summary.json``. On each run of a configuration with several
+        seeds: ``<metric>_seed_mean``, ``<metric>_seed_std`` and ``n_seeds``.
+        """
+        import json
+        import tempfile
+
+        named = [(k, summary[k]) for k in ("reference", "best", "runner_up") if summary.get(k)]
+        named += [(f"front{i}", e) for i, e in enumerate(summary.get("front") or [])]
+        flat: dict[str, float] = {}
+        for name, e in named:
+            flat[f"{name}_n_seeds"] = e["n_seeds"]
+            flat.update({f"{name}_{m}_mean": v for m, v in e["mean"].items()})
+            flat.update({f"{name}_{m}_std": v for m, v in e["std"].items()})
+        self.log_metrics(parent_id, flat)
+        if summary.get("verdict"):
+            self.client.set_tag(parent_id, "kd.verdict", summary["verdict"][:5000])
+        for e in summary.get("configs") or []:
+            if e["n_seeds"] < 2:
+                continue
+            values = {"n_seeds": e["n_seeds"], **{f"{m}_seed_mean": v for m, v in e["mean"].items()},
+                      **{f"{m}_seed_std": v for m, v in e["std"].items()}}
+            for tid in e.get("trial_ids", []):
+                run_id = (run_ids or {}).get(tid) or self.find_child(parent_id, tid)
+                if run_id:
+                    self.log_metrics(run_id, values)
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "summary.json"
+            path.write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
+            self.client.log_artifact(parent_id, str(path))
+
     def end_sweep(self, parent_id: str, status: str = FINISHED) -> None:
         """Close the parent; children still RUNNING are closed as ``KILLED``."""
         for run in self.children(parent_id):
@@ -133,11 +195,17 @@ class Tracker:
             return runs[0].info.run_id
         return None
 
-    def child_run(self, parent_id: str, trial_id: str, params: dict[str, Any], sweep: str = "") -> str:
-        """Get or create the child run of a trial and mark it RUNNING (idempotent)."""
+    def child_run(self, parent_id: str, trial_id: str, params: dict[str, Any], sweep: str = "",
+                  role: str = "trial", **extra: str) -> str:
+        """Get or create the child run of a trial and mark it RUNNING (idempotent).
+
+        ``role`` is ``trial`` (searched), ``reference`` (the CE-only student) or ``repeat``
+        (a finalist re-run with another seed); ``extra`` become ``kd.<name>`` tags.
+        """
         run_id = self.find_child(parent_id, trial_id)
         if run_id is None:
-            tags = {PARENT_TAG: parent_id, "kd.role": "trial", "kd.trial_id": trial_id}
+            tags = {PARENT_TAG: parent_id, "kd.role": role, "kd.trial_id": trial_id,
+                    **{f"kd.{k}": str(v) for k, v in extra.items()}}
             if sweep:
                 tags["kd.sweep"] = sweep
             run = self.client.create_run(self.experiment_id, run_name=trial_id, tags=tags)

@@ -4,7 +4,8 @@ kd_weight mixes the two terms of the distillation loss,
 (1 - kd_weight) * CE(labels) + kd_weight * T^2 * KL(teacher || student):
 0 trains the student on the labels alone (the CE-only baseline, tried first), 1 on the
 teacher alone (distillation only). Student shape and temperature stay fixed. TPE searches
-[0, 1]; ASHA stops trials whose validation loss is in the worse half halfway through.
+[0, 1]; ASHA stops trials whose accuracy at a rung (scored there; never validation loss,
+which favours kd_weight near 0) is in the worse half.
 
 Run it here (the embedded default world; trains the teacher on first use):
 
@@ -17,7 +18,7 @@ On a Ray cluster whose head has the project installed (see cluster.yaml):
 
 import sys
 
-from kd.sweep_cli import SweepSpec, Uniform, main
+from kd.sweep import SweepSpec, Uniform, main
 
 SPEC = SweepSpec(
     name="loss_weight",

@@ -17,7 +17,7 @@ On a Ray cluster whose head has the project installed (see cluster.yaml):
 
 import sys
 
-from kd.sweep_cli import Choice, LogUniform, SweepSpec, Uniform, main
+from kd.sweep import Choice, LogUniform, SweepSpec, Uniform, main
 
 SPEC = SweepSpec(
     name="pareto",

@@ -3,8 +3,9 @@
 The student's shape and the loss weight stay fixed; the temperature T that softens both
 the teacher's and the student's distributions is searched on a log scale over [0.5, 20]
 (Hinton et al. found the useful range to depend on the student's size). TPE proposes
-temperatures, ASHA stops trials whose validation loss is in the worse half halfway
-through, and every trial is an MLflow child run under one parent.
+temperatures, ASHA stops trials whose accuracy at a rung is in the worse half, the
+CE-only reference and the best temperature are re-run with more seeds, and every run is
+an MLflow child run under one parent.
 
 Run it here (the embedded default world; trains the teacher on first use):
 
@@ -20,7 +21,7 @@ the other options.
 
 import sys
 
-from kd.sweep_cli import LogUniform, SweepSpec, main
+from kd.sweep import LogUniform, SweepSpec, main
 
 SPEC = SweepSpec(
     name="temperature",

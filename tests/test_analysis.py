@@ -37,7 +37,7 @@ def runs(store):
 
 def test_analysis_imports_neither_torch_nor_ray(store):
     code = (
-        "import sys, analysis, kd.report\n"
+        "import sys, analysis, analysis.report, analysis.commands, kd.cli\n"
         f"df = analysis.load_runs({store.tracking_uri!r}, 'pareto')\n"
         "analysis.plot_front(analysis.front_frame(df, 'params'))\n"
         "bad = [m for m in ('torch', 'ray') if m in sys.modules]\n"
@@ -244,15 +244,20 @@ def test_size_grid(runs):
 # -------------------------------------------------------------------------- plots
 
 
-def test_save_plots_writes_and_logs(store, tmp_path):
-    paths = analysis.save_plots(store.tracking_uri, store.experiment, tmp_path)
+def test_save_plots_draws_the_frame_it_is_given(store, runs, tmp_path, monkeypatch):
+    sweep = analysis.load_sweep(store.tracking_uri, store.experiment)
+    curves = analysis.learning_curves(store.tracking_uri, runs["run_id"], "val_loss")
+    import mlflow.tracking
+
+    def no_query(*a, **k):
+        raise AssertionError("save_plots queried MLflow")
+
+    monkeypatch.setattr(mlflow.tracking.MlflowClient, "search_runs", no_query)
+    paths = analysis.save_plots(runs, sweep, tmp_path, curves=curves)
     assert set(paths) == {"acc_vs_params", "acc_vs_latency", "acc_vs_temperature",
                           "acc_vs_kd_weight", "size_heatmap", "learning_curves"}
     for p in paths.values():
         assert p.stat().st_size > 10_000
-    logged = {Path(a.path).name for a in
-              MlflowClient(store.tracking_uri).list_artifacts(store.parent_run_id, "plots")}
-    assert logged >= {p.name for p in paths.values()}
 
 
 def test_front_frame_marks_the_front(runs):
@@ -264,3 +269,33 @@ def test_front_frame_marks_the_front(runs):
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == \
         ["dominated", "Pareto front", "teacher"]
+
+
+def _runs_with_every_state() -> pd.DataFrame:
+    rows = [  # run_id, role, status, stopped_step, T, kd_weight, acc_mean, val_loss
+        ("a", "trial", "FINISHED", np.nan, 2.0, 0.5, 0.30, 2.0),
+        ("b", "trial", "KILLED", 10.0, 8.0, 0.5, 0.10, 3.0),
+        ("c", "trial", "FAILED", np.nan, 4.0, 0.5, np.nan, 9.0),
+        ("r", "reference", "FINISHED", np.nan, 2.0, 0.0, 0.20, 2.5),
+        ("a1", "repeat", "FINISHED", np.nan, 2.0, 0.5, 0.28, 2.1),
+    ]
+    df = pd.DataFrame(rows, columns=["run_id", "role", "status", "stopped_step", "loss.temperature",
+                                     "loss.kd_weight", "acc_mean", "val_loss"])
+    df["trial_id"], df["train.steps"], df["train.seed"] = df["run_id"], 20, [0, 0, 0, 0, 1]
+    return df
+
+
+def test_knob_frame_has_every_trial_marked_for_what_it_is():
+    df = _runs_with_every_state()
+    frame = analysis.knob_frame(df, "loss.temperature")
+    assert list(frame["run_id"]) == ["a", "b", "c", "a1"], "every searched run; the reference has no temperature"
+    assert list(frame["state"]) == ["finished", "stopped", "failed", "finished"]
+    assert frame["acc_mean"].isna().tolist() == [False, False, True, False], "accuracy where evaluated"
+    assert frame["val_loss"].notna().all() and list(frame["step"]) == [20, 10, 20, 20]
+    assert "r" in set(analysis.knob_frame(df, "loss.kd_weight")["run_id"]), "the reference sits at kd_weight 0"
+    sens = analysis.sensitivity(df, "loss.temperature", "acc_mean")
+    assert sens.set_index("loss.temperature").loc[2.0, "n"] == 2, "seed repeats pooled, the reference not"
+    fig = analysis.plot_knob(frame, sens, reference=(0.2, 0.01))
+    top, bottom = fig.axes
+    assert len(top.collections) >= 2 and len(bottom.collections) == 3  # finished, stopped / and failed below
+    assert "early-stopped (at its step)" in [t.get_text() for t in top.get_legend().get_texts()]

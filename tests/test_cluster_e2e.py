@@ -2,8 +2,9 @@
 
 Uses the committed ``sweeps/cluster-local.yaml`` (rendered with this machine's key, ssh
 port and free head ports by ``tests/cluster_harness.py``) against Debian's sshd started
-by the test on 127.0.0.1, then reads the sweep's MLflow store: one parent run and one
-FINISHED child run per budgeted trial.
+by the test on 127.0.0.1, then reads the sweep's MLflow store: one parent run, one child
+run per budgeted trial plus the CE-only reference, every run that reached the last step
+FINISHED with its accuracies.
 
 Needs ``apt-get install -y openssh-server openssh-client rsync netcat-openbsd``; skipped
 (with the reason) when they are missing. About 2-4 minutes on 2 cores.
@@ -39,6 +40,9 @@ def cluster(tmp_path):
                     "rsync netcat-openbsd")
     env = {k: os.environ[k] for k in (
         "KD_CACHE_DIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_VERBOSITY",
+        # a checkout run through PYTHONPATH (a worktree beside an installed copy) must be
+        # the code the head imports, not the installed one
+        "PYTHONPATH",
     ) if k in os.environ}
     env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     # MLFLOW_TRACKING_URI is deliberately not passed on: the remote shell starts from a
@@ -76,12 +80,21 @@ def test_ray_up_submit_down(cluster, tmp_path):
     assert len(parents) == 1, runs[["run_id", "status", "tags.kd.role"]]
     parent_id = parents["run_id"].iloc[0]
     children = runs[runs["tags.mlflow.parentRunId"] == parent_id]
-    assert len(children) == SMOKE_TRIALS, children[["run_id", "status"]]
-    # ASHA may stop a trial early (KILLED, as Tune calls it); none failed or hangs open.
+    roles = children["tags.kd.role"].value_counts().to_dict()
+    assert roles == {"trial": SMOKE_TRIALS, "reference": 1}, children[["run_id", "status", "tags.kd.role"]]
+    # ASHA may stop a trial early (KILLED, evaluated at its rung); none failed or hangs open.
     assert set(children["status"]) <= {"FINISHED", "KILLED"}, children["status"]
+    assert children["metrics.acc_mean"].notna().all(), "stopped trials are evaluated where they stopped"
+    killed = children[children["status"] == "KILLED"]
+    if len(killed):  # the column exists only when some run carries the tag
+        assert killed["tags.kd.stopped_step"].notna().all()
     finished = children[children["status"] == "FINISHED"]
-    assert len(finished) >= 1 and finished["metrics.acc_mean"].notna().all()
+    assert len(finished) >= 1
     assert children["params.loss.temperature"].notna().all()
+    import json
+
+    results = json.loads((out / "results.json").read_text())
+    assert {"teacher", "reference", "best", "verdict"} <= set(results), sorted(results)
 
     # The students are artifacts in the sweep's store, not in the head's working
     # directory (the default `./mlruns` of a sqlite store would put them in ~ on the

@@ -83,3 +83,19 @@ def test_latency_rejects_a_prompt_longer_than_the_context():
     res = measure.measure_model(tiny_model("gpt2", n_positions=16), repeats=1, warmup=0)
     assert res["latency_ms_per_token"] > 0
 
+
+
+def test_latency_pass_times_each_shape_with_interleaved_repeats():
+    """kd.sweep.latency: one figure per model, the repeats interleaved, a deeper model slower."""
+    from factories import make_model, make_tokenizer
+
+    from kd.sweep.latency import time_models
+
+    tok = make_tokenizer()
+    models = {"1x32": (make_model(tok, n_layer=1, n_embd=32), tok),
+              "8x64": (make_model(tok, n_layer=8, n_embd=64), tok)}
+    figures = time_models(models, repeats=5)
+    assert set(figures) == {"1x32", "8x64"}
+    for f in figures.values():
+        assert f["runs"] == 5 and f["median"] > 0 and f["std"] >= 0 and f["cv"] == pytest.approx(f["std"] / f["median"])
+    assert figures["8x64"]["median"] > figures["1x32"]["median"]

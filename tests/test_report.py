@@ -1,4 +1,4 @@
-"""kd report: the report folder's numbers are MLflow's, and the CLI wiring."""
+"""kd report (analysis.report, analysis.commands): the report folder's numbers are MLflow's, and the CLI wiring."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from kd.metrics import direction
-from kd.report import add_parser, fmt, main, parse_objectives, resolve_store
+from analysis.commands import add_parser, main, resolve_store
+from analysis.report import fmt, parse_objectives
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mlflow_fixture import build_store  # noqa: E402
@@ -26,7 +27,7 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(store, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    from kd.report import write_report
+    from analysis.report import write_report
 
     path = write_report(store.tracking_uri, store.experiment, out)
     return path
@@ -173,7 +174,7 @@ def test_report_on_a_sweep_with_no_finished_trial(tmp_path):
     client.log_param(child.info.run_id, "loss.temperature", "2.0")
     client.set_tag(child.info.run_id, "kd.error", "out of memory")
     client.set_terminated(child.info.run_id, "FAILED")
-    from kd.report import write_report
+    from analysis.report import write_report
 
     md = write_report(uri, "temperature", tmp_path / "r").read_text()
     assert "No finished trial." in md and "out of memory" in md

@@ -254,13 +254,14 @@ def test_bad_values_are_one_line(override, needle):
 
 @pytest.mark.slow  # a local Ray + a Ray Data actor: ~30 s on an idle 2-core machine
 def test_ray_data_build_equals_the_local_one(world, tmp_path):
-    """kd.sweep's preparation: the teacher pass as Ray Data actors gives the same cache."""
+    """kd.sweep.driver's preparation: the teacher pass as Ray Data actors gives the same cache."""
     import ray
 
-    from kd.sweep import _prepare_soft_labels
+    from kd.config import KDConfig, apply_overrides
+    from kd.sweep.driver import _prepare_soft_labels
 
     cfg, _, _, _, _, labels = world
-    fixed = {**cfg_overrides(cfg), "loss.soft_labels_dir": str(tmp_path)}
+    fixed = apply_overrides(KDConfig(), {**cfg_overrides(cfg), "loss.soft_labels_dir": str(tmp_path)})
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="kdsl-", dir="/tmp"))
     try:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from kd.config import ConfigError
-from kd.sweep_cli import (PRESETS, Choice, IntRange, LogUniform, SweepSpec, Uniform, check_objectives,
-                          check_space, check_sweep)
+from kd.config import ConfigError, KDConfig, apply_overrides
+from kd.sweep import (PRESETS, Choice, IntRange, LogUniform, SweepSpec, Uniform, check_objectives, check_space,
+                      check_sweep)
+from kd.sweep.spec import fixed_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ["temperature", "loss_weight", "student_size", "pareto"]
@@ -29,9 +30,10 @@ def load_spec(name: str) -> SweepSpec:
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_shipped_sweep_validates_for_every_preset(name, preset):
     spec = load_spec(name)
-    fixed = check_sweep(spec, preset)
+    base = check_sweep(spec, preset)
+    assert isinstance(base, KDConfig)
     space, points = spec.for_preset(preset)
-    assert not set(fixed) & set(space), "a searched key must not also be fixed"
+    assert not set(fixed_overrides(spec, preset)) & set(space), "a searched key must not also be fixed"
     assert spec.budget[preset] >= 1
     if preset == "demo" and name == "temperature":
         assert spec.budget["demo"] >= 8  # the main job's promise
@@ -62,7 +64,7 @@ def test_sweep_scripts_are_thin_and_import_only_kd():
 
 
 def test_space_corners_are_validated():
-    fixed = PRESETS["demo"]
+    fixed = apply_overrides(KDConfig(), PRESETS["demo"])
     check_space({"loss.temperature": LogUniform(0.5, 20.0)}, fixed)
     with pytest.raises(ConfigError, match="loss.temperature"):
         check_space({"loss.temperature": Uniform(0.0, 2.0)}, fixed)  # T=0 is a corner
@@ -94,22 +96,23 @@ def test_searched_key_cannot_also_be_set():
 def test_tune_space_and_searcher():
     from ray import tune
 
-    from kd.sweep import searcher, to_tune
+    from kd.sweep.search import searcher, to_tune
 
-    space = to_tune({"a": LogUniform(0.5, 20.0), "b": Uniform(0, 1), "c": IntRange(1, 4), "d": Choice([64, 128])})
+    dims = {"a": LogUniform(0.5, 20.0), "b": Uniform(0, 1), "c": IntRange(1, 4), "d": Choice([64, 128])}
+    space = to_tune(dims)
     assert isinstance(space["a"], tune.search.sample.Float) and space["a"].lower == 0.5
     assert space["c"].upper == 5, "IntRange includes its high end; Tune's randint excludes it"
     assert space["d"].categories == [64, 128]
-    one = searcher(["acc_mean"], seed=0, budget=8)
+    one = searcher(["acc_mean"], dims, seed=0, budget=8)
     assert one.metric == "acc_mean" and one.mode == "max"
-    many = searcher(["acc_mean", "params", "latency_ms_per_token"], seed=0, budget=8,
+    many = searcher(["acc_mean", "params", "latency_ms_per_token"], dims, seed=0, budget=8,
                     points=[{"a": 1.0}])
     assert many.metric == ["acc_mean", "params", "latency_ms_per_token"]
     assert many.mode == ["max", "min", "min"]
 
 
 def test_error_line_finds_the_exception():
-    from kd.sweep import _error_line
+    from kd.sweep.mlflow import error_line as _error_line
 
     tb = ("Traceback (most recent call last):\n  File \"x.py\", line 3, in f\n    raise FloatingPointError(...)\n"
           "FloatingPointError: loss is nan at step 3; lower train.lr (now 1e+30) or check the data\n")
@@ -145,14 +148,14 @@ def test_bad_input_exits_with_one_line_before_ray_or_files(tmp_path, args, messa
 
 
 def test_sweep_cli_does_not_import_ray_or_mlflow():
-    code = ("import sys, kd.sweep_cli; "
+    code = ("import sys, kd.sweep, kd.sweep.cli, kd.sweep.spec, kd.sweep.results; "
             "print(sorted(m for m in ('ray', 'mlflow', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_default_output_dir_is_new_each_run_and_resume_finds_the_latest(tmp_path, monkeypatch):
-    from kd.sweep_cli import _output_dir
+    from kd.sweep.cli import _output_dir
 
     monkeypatch.chdir(tmp_path)
     first = _output_dir("temperature", None, resume=False)

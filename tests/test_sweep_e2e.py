@@ -33,10 +33,10 @@ def _env(cache_root: Path) -> dict[str, str]:
     return env
 
 
-def _sweep(args: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--preset", "smoke",
-                             "--no-report", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+def _sweep(args: list[str], env: dict[str, str], preset: bool = True, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "temperature.py"),
+                             *(["--preset", "smoke"] if preset else []), "--no-report", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def _runs(out: Path) -> tuple[dict, list]:
@@ -73,34 +73,89 @@ def _finish(proc: subprocess.Popen, timeout: float = 420) -> str:
 
 
 def test_interrupted_sweep_resumes_to_exactly_its_budget(tmp_path, cache_root):
-    """SIGINT mid-trial, then --resume: 3 trials, 3 child runs, none RUNNING, trial 1 resumed."""
+    """SIGINT mid-trial, then a bare --resume (no --preset: the sweep's own): 3 searched trials and the
+    CE-only reference, each one child run, none RUNNING, trial 1 resumed, early stopping on."""
     env, out = _env(cache_root), tmp_path / "sweep"
-    args = ["--trials", "3", "--no-early-stop", "--output-dir", str(out), "--set", "train.steps=30"]
-    proc = _sweep(args, env)
+    proc = _sweep(["--trials", "3", "--output-dir", str(out), "--set", "train.steps=30"], env)
     ckpts = lambda: list((out / "ray_results" / "temperature").glob("*/checkpoint_*"))  # noqa: E731
     _wait_for(lambda: len(ckpts()) >= 1, proc, 400, "the first checkpoint")
     proc.send_signal(signal.SIGINT)
     log = _finish(proc, 180)
     assert proc.returncode == 130, log[-3000:]
-    assert "resume with" in log
+    assert "resume with" in log and "--preset" not in log.split("resume with")[-1]
     _, children = _runs(out)
     assert 1 <= len(children) < 3 and not any(r.info.status == "RUNNING" for r in children)
 
-    proc = _sweep(["--resume", *args], env)
+    proc = _sweep(["--resume", "--output-dir", str(out)], env, preset=False)
     log = _finish(proc)
     assert proc.returncode == 0, log[-3000:]
     meta, children = _runs(out)
-    assert len(children) == 3, [r.data.tags.get("kd.trial_id") for r in children]
-    assert sorted(r.info.status for r in children) == ["FINISHED"] * 3
+    roles = sorted(r.data.tags["kd.role"] for r in children)
+    assert roles == ["reference", "trial", "trial", "trial"], roles
+    assert len({r.data.tags["kd.trial_id"] for r in children}) == 4, "one child run per trial"
+    assert not any(r.info.status == "RUNNING" for r in children)
+    assert all(r.data.params["train.steps"] == "30" and r.data.params["data.world_size"] == "tiny"
+               for r in children), "resumed as the smoke sweep it was, with its --set"
     assert meta["parent"].info.status == "FINISHED"
     results = json.loads((out / "results.json").read_text())
-    assert len(results["trials"]) == 3 and all(t["status"] == "FINISHED" for t in results["trials"])
+    assert len(results["trials"]) == 4 and {"teacher", "reference", "best", "verdict"} <= set(results)
     first = [r for r in children if r.data.tags["kd.trial_id"] == results["trials"][0]["trial_id"]][0]
     steps = [m.step for m in meta["client"].get_metric_history(first.info.run_id, "val_loss")]
-    assert steps[0] == 10 and steps[-1] == 30 and steps == sorted(steps), f"resumed, not restarted: {steps}"
+    # resumed, not restarted (a restart logs step 10 again after 20); the last step twice:
+    # its evaluation, then the final metrics
+    assert steps == sorted(steps) and sorted(set(steps)) == [10, 20, 30], f"resumed: {steps}"
     for r in children:
-        assert "loss.temperature" in r.data.params and "acc_mean" in r.data.metrics
-        assert meta["client"].list_artifacts(r.info.run_id, "student"), "student/ artifact"
+        if r.info.status == "FINISHED":  # every run that reached train.steps was evaluated
+            assert "acc_mean" in r.data.metrics and meta["client"].list_artifacts(r.info.run_id, "student")
+        else:  # stopped by ASHA at a rung, evaluated there
+            assert r.info.status == "KILLED" and int(r.data.tags["kd.stopped_step"]) < 30
+            assert "acc_mean" in r.data.metrics
+    shapes = {r.data.params["student.n_layer"] + "x" + r.data.params["student.n_embd"] for r in children}
+    assert len(shapes) == 1 and len({r.data.metrics["latency_ms_per_token"] for r in children}) == 1, \
+        "one latency per shape, from the latency pass"
+    again = _sweep(["--resume", "--output-dir", str(out)], env, preset=False)
+    log = _finish(again, 120)
+    assert again.returncode == 0 and "is finished" in log, log[-2000:]
+
+
+def test_asha_stops_a_bad_trial_and_never_one_that_reached_the_last_step(tmp_path, cache_root, tiny_overrides):
+    """Real ASHA on rung_acc_mean at step 10 of 20: the trial made deliberately bad at its rung is
+    stopped there and logged with its accuracy at step 10; the good one trains to the end."""
+    fixed = {k: v for k, v in tiny_overrides.items() if k != "train.threads"}
+    script = textwrap.dedent(f"""
+        from kd.config import KDConfig, apply_overrides
+        from kd.run import distill
+        from kd.sweep import LogUniform, SweepOptions, SweepSpec
+        from kd.sweep.driver import run_sweep
+
+        def runner(cfg, report=None, **kw):  # pickled by value into the trial (defined in __main__)
+            def bad_at_rung(metrics, ckpt):
+                if "acc_mean" in metrics and cfg.loss.temperature > 10:
+                    metrics = {{**metrics, "acc_mean": -1.0}}
+                report(metrics, ckpt)
+            return distill(cfg, report=bad_at_rung, **kw)
+
+        spec = SweepSpec("asha", {{"loss.temperature": LogUniform(0.5, 20.0)}}, ["acc_mean"], budget={{"smoke": 2}},
+                         points=[{{"loss.temperature": 2.0}}, {{"loss.temperature": 15.0}}])
+        options = SweepOptions(output_dir={str(tmp_path / 'sweep')!r}, preset="smoke", budget=2, references=False,
+                               runner=runner)
+        print(run_sweep(spec, apply_overrides(KDConfig(), {fixed!r}), options).text())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(cache_root), capture_output=True,
+                          text=True, timeout=420)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    meta, children = _runs(tmp_path / "sweep")
+    by_t = {float(r.data.params["loss.temperature"]): r for r in children}
+    good, bad = by_t[2.0], by_t[15.0]
+    assert good.info.status == "FINISHED" and "acc_mean" in good.data.metrics
+    steps = [m.step for m in meta["client"].get_metric_history(good.info.run_id, "acc_mean")]
+    assert steps == [10, 20], "scored at its rung and at the end"
+    assert bad.info.status == "KILLED" and bad.data.tags["kd.stopped_step"] == "10"
+    assert "rung_acc_mean" in bad.data.tags["kd.stopped"]
+    assert [(m.step, m.value) for m in meta["client"].get_metric_history(bad.info.run_id, "acc_mean")] == [(10, -1.0)]
+    results = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert sorted(t["status"] for t in results["trials"]) == ["FINISHED", "STOPPED"]
+    assert results["best"]["config"] == {"loss.temperature": 2.0}
 
 
 def test_killed_train_worker_finishes_from_its_checkpoint(tmp_path, cache_root):
@@ -123,26 +178,46 @@ def test_killed_train_worker_finishes_from_its_checkpoint(tmp_path, cache_root):
     log = _finish(proc)
     assert proc.returncode == 0, log[-3000:]
     results = json.loads((out / "results.json").read_text())
-    (trial,) = results["trials"]
+    (trial,) = [t for t in results["trials"] if t["role"] == "trial"]
     assert trial["status"] == "FINISHED", trial
     assert trial["metrics"]["kd_restarts"] == 1, "the worker group restarted from a checkpoint"
     assert trial["metrics"]["step"] == 60
-    meta, (child,) = _runs(out)
+    assert [t["status"] for t in results["trials"] if t["role"] == "reference"] == ["FINISHED"]
+    meta, children = _runs(out)
+    (child,) = [r for r in children if r.data.tags["kd.role"] == "trial"]
     steps = [m.step for m in meta["client"].get_metric_history(child.info.run_id, "val_loss")]
     assert steps[-1] == 60 and 0 not in steps
     assert meta["client"].list_artifacts(child.info.run_id, "student")
+
+
+def test_a_sweep_with_no_successful_trial_fails(tmp_path, cache_root):
+    """Every trial NaNs: exit 1 with the first reason in one line, the parent FAILED (issue 15, item 1)."""
+    env, out = _env(cache_root), tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--preset", "smoke", "--no-report",
+                           "--trials", "1", "--set", "train.lr=1e30", "--output-dir", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "error: no trial of 1 finished; the first failed with: FloatingPointError: loss is" in last, last
+    meta, children = _runs(out)
+    assert meta["parent"].info.status == "FAILED" and "FloatingPointError" in meta["parent"].data.tags["kd.error"]
+    assert [r.info.status for r in children] == ["FAILED"], "no reference or repeats after a failed search"
+    assert json.loads((out / "results.json").read_text())["error"].startswith("no trial of 1 finished")
 
 
 def test_nan_trial_is_failed_in_mlflow_and_the_sweep_goes_on(tmp_path, cache_root, tiny_overrides):
     """lr=1e30 makes the loss NaN in the first trial; the second trial still finishes."""
     fixed = {k: v for k, v in tiny_overrides.items() if k != "train.threads"}
     script = textwrap.dedent(f"""
-        from kd.sweep import run_sweep
-        from kd.sweep_cli import Choice
-        r = run_sweep("nan_check", {{"train.lr": Choice([1e30, 2e-3])}}, ["acc_mean"], 2, {fixed!r},
-                      output_dir={str(tmp_path / 'sweep')!r}, points=[{{"train.lr": 1e30}}, {{"train.lr": 2e-3}}],
-                      early_stop=False)
-        print(r.summary())
+        from kd.config import KDConfig, apply_overrides
+        from kd.sweep import Choice, SweepOptions, SweepSpec
+        from kd.sweep.driver import run_sweep
+        spec = SweepSpec("nan_check", {{"train.lr": Choice([1e30, 2e-3])}}, ["acc_mean"], budget={{"smoke": 2}},
+                         points=[{{"train.lr": 1e30}}, {{"train.lr": 2e-3}}])
+        options = SweepOptions(output_dir={str(tmp_path / 'sweep')!r}, preset="smoke", budget=2, early_stop=False,
+                               references=False)
+        r = run_sweep(spec, apply_overrides(KDConfig(), {fixed!r}), options)
+        print(r.text())
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(cache_root), capture_output=True,
                           text=True, timeout=420)

@@ -113,12 +113,14 @@ def _trial(trial_id, config, last_result=None, checkpoint=None, error=None):
 def test_callback_writes_runs_from_tune_events(store, tmp_path):
     from ray import tune
 
-    from kd.sweep import MLflowTrials
+    from kd.config import KDConfig
+    from kd.sweep.mlflow import MLflowTrials
+    from kd.sweep.spec import base_dict
 
     uri, tr = store
     parent = tr.start_sweep("temperature", {})
-    cb = MLflowTrials(uri, "temperature", parent, "temperature")
-    meta = {"kd": {"num_workers": 1}}
+    cb = MLflowTrials(uri, "temperature", parent, "temperature", prune_metric="acc_mean")
+    meta = {"kd": {"num_workers": 1, "base": base_dict(KDConfig())}}
     student = tmp_path / "student"
     student.mkdir()
     (student / "model.safetensors").write_bytes(b"x")
@@ -151,6 +153,9 @@ def test_callback_writes_runs_from_tune_events(store, tmp_path):
     assert runs["ok"].data.params["student.n_layer"] == "2", "params are the whole flattened config"
     assert [a.path for a in c.list_artifacts(runs["ok"].info.run_id, "student")] == ["student/model.safetensors"]
     assert runs["stopped"].info.status == "KILLED" and "ASHA" in runs["stopped"].data.tags["kd.stopped"]
+    assert "rung_acc_mean" in runs["stopped"].data.tags["kd.stopped"]
+    assert runs["stopped"].data.tags["kd.stopped_step"] == "10"
+    assert runs["ok"].data.tags["kd.role"] == "trial"
     assert runs["nan"].info.status == "FAILED"
     assert runs["nan"].data.tags["kd.error"].startswith("FloatingPointError: loss is nan")
     assert c.get_run(parent).data.metrics == {"teacher_acc_mean": 0.9}

@@ -1,6 +1,6 @@
 """kd ui: the MLflow UI serves the sweep's runs, and a real browser renders them.
 
-Starts ``python -m kd.report ui`` (the code behind ``kd ui``) in its own session on a
+Starts ``python -m analysis ui`` (the code behind ``kd ui``) in its own session on a
 free port of 127.0.0.1, waits for /health, checks the runs through the REST API, then
 loads the runs page in headless Debian chromium (apt-get install chromium) to a screenshot
 and a DOM dump. The server's whole process group is stopped afterwards.
@@ -64,7 +64,7 @@ def server(store, tmp_path_factory):
         # start_new_session = setsid(): the server and its workers share one process
         # group that teardown can stop as a whole
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kd.report", "ui", "--store", str(store.root),
+            [sys.executable, "-m", "analysis", "ui", "--store", str(store.root),
              "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -13,19 +13,23 @@ Two ways to run a trial, chosen by its number of workers:
 
 Why two paths: a TorchTrainer starts a controller and a worker group per trial. Measured
 here (bench/sweep_overhead.py, 2 cores) its first training step comes 12-20 s after the
-trial starts, against ~3-4 s for the in-trial loop, which alone would put a sweep of
-minute-long trials past the 1.3x wall/training target. A single worker gains nothing from
+trial starts, against ~3-4 s for the in-trial loop. A single worker gains nothing from
 Train (no gradient sync, no group to restart: Tune retries the trial from its checkpoint
 instead), so one-worker trials skip it.
 
+Early stopping: at the rung steps the driver chose (all before the last step) the trial
+evaluates the student on the task sets and reports the objective again as ``rung_<name>``
+with ``rung_step``; ASHA reads only those two keys. So ASHA never sees the last step, and
+a stopped trial's last result already carries its accuracies at the step it reached.
+
 Every trial ends with a report that carries ``kd_final: 1`` and, as its checkpoint, the
-student's ``save_pretrained`` directory; :mod:`kd.sweep` logs that to MLflow from the
-driver (one writer), so nothing here imports MLflow.
+student's ``save_pretrained`` directory; :mod:`kd.sweep.mlflow` logs that to MLflow from
+the driver (one writer), so nothing here imports MLflow.
 """
 
 from __future__ import annotations
 
-import importlib
+import functools
 import os
 import shutil
 import tempfile
@@ -37,24 +41,17 @@ import ray.train
 import ray.tune
 from ray.tune import Checkpoint
 
-META = "kd"  # the key of the sweep's own settings inside a trial's config
+from kd.run import distill
+from kd.sweep.spec import META, trial_config
 
-
-def trial_overrides(config: dict[str, Any]) -> dict[str, Any]:
-    """The dotted config overrides of a trial (fixed + sampled), without the sweep's meta."""
-    return {k: v for k, v in config.items() if k != META}
-
-
-def _runner(meta: dict[str, Any]) -> Callable[..., dict[str, float]]:
-    """``kd.run:distill`` unless the sweep names another (a benchmark's stand-in loop)."""
-    module, _, name = meta.get("runner", "kd.run:distill").partition(":")
-    return getattr(importlib.import_module(module), name)
+Runner = Callable[..., dict[str, float]]
+RUNG_STEP = "rung_step"  # ASHA's time attribute: present only in rung results
 
 
 def _trial_cfg(config: dict[str, Any], trial_id: str, threads: int):
-    from kd.config import KDConfig, apply_overrides, validate
+    from kd.config import validate
 
-    cfg = apply_overrides(KDConfig(), trial_overrides(config))
+    cfg = trial_config(config[META]["base"], config)
     if not cfg.train.threads:  # Ray sets OMP_NUM_THREADS=1 in its workers: be explicit
         cfg.train.threads = threads
     cfg.output_dir = str(Path(config[META]["trials_dir"]) / trial_id)
@@ -67,6 +64,22 @@ def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
             for k, v in metrics.items()}
 
 
+def _rung(metrics: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """Add ``rung_step`` and ``rung_<metric>`` to an evaluation at one of the rung steps."""
+    prune = meta.get("prune")
+    step = metrics.get("step")
+    if not prune or step is None or int(step) not in prune["steps"] or prune["metric"] not in metrics:
+        return metrics
+    return {**metrics, RUNG_STEP: float(step), f"rung_{prune['metric']}": metrics[prune["metric"]]}
+
+
+def _run(runner: Runner | None, cfg, meta: dict[str, Any], **kwargs: Any) -> dict[str, float]:
+    prune = meta.get("prune")
+    if prune and prune.get("tasks"):  # the objective is a task metric: evaluate at the rungs
+        kwargs["eval_steps"] = set(prune["steps"])
+    return (runner or distill)(cfg, **kwargs)
+
+
 def _student_checkpoint(cfg) -> Checkpoint | None:
     student = Path(cfg.output_dir) / "student"
     return Checkpoint.from_directory(str(student)) if student.is_dir() else None
@@ -75,7 +88,7 @@ def _student_checkpoint(cfg) -> Checkpoint | None:
 # ------------------------------------------------------------ num_workers == 1
 
 
-def trial_in_process(config: dict[str, Any]) -> None:
+def trial_in_process(config: dict[str, Any], runner: Runner | None = None) -> None:
     """Tune function trainable: the distillation loop runs in this trial's process."""
     import torch
 
@@ -98,9 +111,10 @@ def trial_in_process(config: dict[str, Any]) -> None:
             return
         if "kd_first_report" not in timing:
             timing["kd_first_report"] = time.time()
-        ray.tune.report({**_clean(metrics), **timing}, checkpoint=Checkpoint.from_directory(checkpoint_dir))
+        ray.tune.report({**_rung(_clean(metrics), meta), **timing},
+                        checkpoint=Checkpoint.from_directory(checkpoint_dir))
 
-    final = _runner(meta)(cfg, report=report, resume_from=resume_dir)
+    final = _run(runner, cfg, meta, report=report, resume_from=resume_dir)
     final = {**_clean(final), **timing, "kd_final": 1, "kd_trial_done": time.time()}
     final.setdefault("step", cfg.train.steps)
     ray.tune.report(final, checkpoint=_student_checkpoint(cfg))
@@ -111,7 +125,7 @@ def trial_in_process(config: dict[str, Any]) -> None:
 # ------------------------------------------------------------ num_workers > 1
 
 
-def worker_loop(config: dict[str, Any]) -> None:
+def worker_loop(config: dict[str, Any], runner: Runner | None = None) -> None:
     """Ray Train worker: distill with DDP hooks; report on every rank, checkpoint from rank 0."""
     import torch
     from ray.train.torch import get_device, prepare_data_loader, prepare_model
@@ -144,9 +158,9 @@ def worker_loop(config: dict[str, Any]) -> None:
         if "kd_first_report" not in timing:
             timing["kd_first_report"] = time.time()
         cp = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report({**_clean(metrics), **timing}, checkpoint=cp)
+        ray.train.report({**_rung(_clean(metrics), meta), **timing}, checkpoint=cp)
 
-    final = _runner(meta)(cfg, report=report, resume_from=resume_dir, hooks=hooks)
+    final = _run(runner, cfg, meta, report=report, resume_from=resume_dir, hooks=hooks)
     # distill's final report comes from rank 0 only; every rank must report as often.
     final = {**_clean(final), **timing, "kd_final": 1, "kd_trial_done": time.time(),
              "kd_restarts": 1 if ckpt is not None else 0}
@@ -154,7 +168,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     ray.train.report(final, checkpoint=_student_checkpoint(cfg) if rank == 0 else None)
 
 
-def trial_torch_trainer(config: dict[str, Any]) -> None:
+def trial_torch_trainer(config: dict[str, Any], runner: Runner | None = None) -> None:
     """Tune function trainable that runs the trial as a ``TorchTrainer`` over several workers."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -167,7 +181,7 @@ def trial_torch_trainer(config: dict[str, Any]) -> None:
     if meta.get("use_gpu"):
         per_worker["GPU"] = 1.0
     trainer = TorchTrainer(
-        worker_loop,
+        functools.partial(worker_loop, runner=runner) if runner else worker_loop,
         train_loop_config={**config, META: meta},
         scaling_config=ScalingConfig(num_workers=int(meta["num_workers"]), use_gpu=bool(meta.get("use_gpu")),
                                      resources_per_worker=per_worker),

@@ -1,4 +1,4 @@
-"""How a metric moves with one knob (temperature, kd_weight), and the size grid."""
+"""How a metric moves with one knob (temperature, kd_weight), every trial at its knob, the size grid."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.load import finished
+from analysis.load import evaluated, finished, searched
 
 SEED = "train.seed"
 #: The knobs a sweep varies; :func:`sensitivity` can hold the others fixed.
@@ -37,7 +37,7 @@ def sensitivity(df: pd.DataFrame, param: str = "loss.temperature", metric: str =
         if col not in df.columns:
             raise KeyError(f"{col!r} is not a column of the runs; columns: "
                            f"{', '.join(map(str, df.columns))}")
-    runs = finished(df)
+    runs = finished(_for_knob(df, param))
     runs = runs[np.isfinite(runs[metric].to_numpy(dtype=float))]
     if hold == "others":
         hold = [k for k in KNOBS if k != param and k not in by and k in runs.columns]
@@ -49,6 +49,37 @@ def sensitivity(df: pd.DataFrame, param: str = "loss.temperature", metric: str =
     out["n_seeds"] = grouped["_seed"].nunique()
     out = out.rename(columns={"count": "n"}).reset_index()
     out.attrs = {"param": param, "metric": metric, "by": by, "held": held}
+    return out
+
+
+def _for_knob(df: pd.DataFrame, param: str) -> pd.DataFrame:
+    """The CE-only references belong on a kd_weight axis (at 0), on no other knob's."""
+    return df if param == "loss.kd_weight" else searched(df)
+
+
+def knob_frame(df: pd.DataFrame, param: str, metric: str = "acc_mean") -> pd.DataFrame:
+    """Every trial at its value of ``param``, for a curve that shows them all.
+
+    Columns: ``run_id, trial_id, role, state`` (finished | stopped | failed | ...),
+    ``param``, ``metric`` (where the trial was evaluated: finished, or early-stopped and
+    evaluated at ``step``), ``val_loss`` (its last evaluation, for every trial that
+    reached one) and ``step`` (where that was).
+    """
+    rows = _for_knob(df, param)
+    rows = rows[rows[param].notna()] if param in rows.columns else rows.iloc[:0]
+    ev = rows.index.isin(evaluated(rows).index)
+    stopped = rows["stopped_step"].notna() if "stopped_step" in rows.columns else pd.Series(False, rows.index)
+    state = np.where(stopped, "stopped", rows["status"].str.lower())
+    steps = rows["train.steps"] if "train.steps" in rows.columns else pd.Series(np.nan, rows.index)
+    out = pd.DataFrame({
+        "run_id": rows["run_id"], "trial_id": rows["trial_id"],
+        "role": rows["role"] if "role" in rows.columns else "trial", "state": state,
+        param: rows[param].astype(float),
+        metric: np.where(ev, rows[metric], np.nan) if metric in rows.columns else np.nan,
+        "val_loss": rows["val_loss"] if "val_loss" in rows.columns else np.nan,
+        "step": np.where(stopped, rows.get("stopped_step", np.nan), steps),
+    }).reset_index(drop=True)
+    out.attrs = {"param": param, "metric": metric}
     return out
 
 

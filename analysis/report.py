@@ -1,29 +1,25 @@
-"""``kd report`` and ``kd ui``: a sweep's results as a folder, and the MLflow UI.
+"""A sweep's report: ``report.md`` and ``report.html`` from MLflow's records.
 
-:func:`write_report` reads the sweep from MLflow (through :mod:`analysis`, never from the
-trial processes), draws the plots, and writes ``report.md`` and ``report.html`` with the
-best student per objective, the Pareto table with its hypervolume and knee, the teacher
-for reference and the temperature / kd_weight tables. Every number is MLflow's, printed
-to 6 significant digits (counts in full). MLflow and matplotlib are imported inside the
-functions, so importing this module (``kd.cli`` does) stays cheap.
+:func:`write_report` reads the sweep from MLflow once (never from the trial processes),
+draws the plots from that frame, and writes the verdict first, then the teacher, the
+CE-only reference and the finalists with their seed spread, the best student per
+objective, the Pareto table with its hypervolume and knee, the temperature / kd_weight
+tables with every trial, and the trials that did not finish. Every number is MLflow's,
+printed to 6 significant digits (counts in full). ``kd report`` (:mod:`analysis.commands`)
+calls it.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import html
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from kd.metrics import METRICS, TASK_METRICS, direction
 
-#: Where ``python sweeps/X.py`` keeps its store unless told (kd.sweep_cli's default).
-SWEEPS_DIR = Path("runs") / "sweeps"
 DEFAULT_FRONT = ("acc_mean", "params", "latency_ms_per_token")
 KNOBS = ("student.n_layer", "student.n_embd", "loss.temperature", "loss.kd_weight",
          "train.seed")
@@ -156,13 +152,14 @@ def write_report(tracking_uri: str, experiment: str, out_dir: str | os.PathLike,
     The plots and both report files are also logged as artifacts of the parent run
     (``plots/``, ``report/``).
     """
-    from analysis import (finished, hypervolume, knee, load_runs, load_sweep, pareto_front,
-                          reference_point, run_label, save_plots, sensitivity)
+    from analysis import (finished, hypervolume, knee, knob_frame, learning_curves, load_runs, load_sweep,
+                          pareto_front, reference_point, run_label, save_plots, searched, sensitivity)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sweep = load_sweep(tracking_uri, experiment, parent_run_id)
-    df = load_runs(tracking_uri, experiment, sweep=sweep)
+    every = load_runs(tracking_uri, experiment, sweep=sweep)
+    df = searched(every)  # best, front: the searched students and their repeats
     runs = finished(df)
     objectives = _objectives(sweep.params)
     front_objs = [o for o in (objectives if len(objectives) >= 2 else DEFAULT_FRONT)
@@ -170,13 +167,19 @@ def write_report(tracking_uri: str, experiment: str, out_dir: str | os.PathLike,
     knobs = [k for k in KNOBS if k in df.columns]
     shown = [c for c in ("acc_mean", "params", "latency_ms_per_token") if c in df.columns]
 
-    n_failed = int((df["status"] == "FAILED").sum())
+    n_failed = int((every["status"] == "FAILED").sum())
+    n_stopped = int(every["stopped_step"].notna().sum()) if "stopped_step" in every else 0
+    n_done = int((every["status"] == "FINISHED").sum())
+    n_ref = int((every["role"] == "reference").sum()) if "role" in every else 0
+    n_other = len(every) - n_done - n_failed - n_stopped
     b: list[tuple] = [("h1", f"Sweep report: {experiment}")]
+    b.append(("p", f"Verdict: {sweep.verdict}" if sweep.verdict else
+              "Verdict: none recorded on the parent run (tag kd.verdict): the sweep did not finish."))
     b.append(("p", f"Tracking URI `{tracking_uri}`, experiment `{experiment}` "
                    f"(id {sweep.experiment_id}), parent run `{sweep.run_id}`. "
-                   f"Trials: {len(df)} ({len(runs)} finished, {n_failed} failed"
-                   + (f", {len(df) - len(runs) - n_failed} killed or still running"
-                      if len(df) - len(runs) - n_failed else "") + "). "
+                   f"Runs: {len(every)} ({n_done} finished, {n_stopped} early-stopped, {n_failed} failed"
+                   + (f", {n_other} killed or still running" if n_other else "")
+                   + f"; {n_ref} of them CE-only references). "
                    f"Objectives: {', '.join(f'{o} ({direction(o)})' for o in objectives) or '-'}."))
 
     b.append(("h2", "Teacher (reference)"))
@@ -184,6 +187,14 @@ def write_report(tracking_uri: str, experiment: str, out_dir: str | os.PathLike,
               for k, v in sorted(sweep.teacher.items())]
     b.append(("table", ["metric", "teacher", "unit"], t_rows) if t_rows else
              ("p", "No teacher metrics on the parent run."))
+
+    seeds = _seed_rows(every, list(dict.fromkeys([*objectives, "acc_mean"])), knobs)
+    if seeds:
+        metric_cols = list(dict.fromkeys([*objectives, "acc_mean"]))
+        b.append(("h2", "CE-only reference and finalists across seeds"))
+        b.append(("p", "Mean +- standard deviation over the seeds each configuration ran with "
+                       "(finished runs only; std needs two seeds)."))
+        b.append(("table", ["configuration", "role", "seeds", *metric_cols], seeds))
 
     b.append(("h2", "Best student per objective"))
     best_objs = list(dict.fromkeys([*objectives, "acc_mean", *TASK_METRICS]))
@@ -218,7 +229,7 @@ def write_report(tracking_uri: str, experiment: str, out_dir: str | os.PathLike,
 
     for param in ("loss.temperature", "loss.kd_weight"):
         if param in runs.columns and runs[param].nunique() > 1 and "acc_mean" in runs:
-            sens = sensitivity(df, param, "acc_mean", hold="others")
+            sens = sensitivity(every, param, "acc_mean", hold="others")
             held = ", ".join(f"{h}={v}" for h, v in sens.attrs["held"].items())
             b.append(("h2", f"acc_mean vs {param}"))
             b.append(("p", "Mean and spread across seeds" + (f", at {held}." if held else
@@ -227,18 +238,29 @@ def write_report(tracking_uri: str, experiment: str, out_dir: str | os.PathLike,
                       [[fmt(r[param]), fmt(r["mean"]), fmt(r["std"]), fmt(r["min"]),
                         fmt(r["max"]), str(int(r["n"])), str(int(r["n_seeds"]))]
                        for _, r in sens.iterrows()]))
+            frame = knob_frame(every, param)
+            b.append(("h2", f"Every run at its {param}"))
+            b.append(("p", f"Every run at its {param}: acc_mean where it was evaluated (early-stopped "
+                           "runs at the step they reached), val_loss at its last evaluation."))
+            b.append(("table", [param, "run", "role", "state", "step", "acc_mean", "val_loss"],
+                      [[fmt(r[param]), r["trial_id"], r["role"], r["state"], fmt(r["step"], "train.seed"),
+                        fmt(r["acc_mean"]), fmt(r["val_loss"])]
+                       for _, r in frame.sort_values(param).iterrows()]))
 
-    plots = save_plots(tracking_uri, experiment, out / "plots", parent_run_id=sweep.run_id)
+    curves = learning_curves(tracking_uri, every["run_id"], "val_loss")
+    plots = save_plots(every, sweep, out / "plots", curves=curves)
     if plots:
         b.append(("h2", "Plots"))
         for name, path in plots.items():
             b.append(("img", f"plots/{path.name}", name.replace("_", " ")))
 
-    failed = df[df["status"] != "FINISHED"]
+    failed = every[every["status"] != "FINISHED"]
     if len(failed):
         b.append(("h2", "Trials that did not finish"))
         b.append(("table", ["trial", "run_id", "status", "error"],
-                  [[r["trial_id"], r["run_id"], r["status"], r["error"] or "-"]
+                  [[r["trial_id"], r["run_id"],
+                    f"stopped at step {int(r['stopped_step'])}" if r["stopped_step"] == r["stopped_step"]
+                    else r["status"], r["error"] or "-"]
                    for _, r in failed.iterrows()]))
 
     md, page = out / "report.md", out / "report.html"
@@ -247,112 +269,32 @@ def write_report(tracking_uri: str, experiment: str, out_dir: str | os.PathLike,
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
+    for path in plots.values():
+        client.log_artifact(sweep.run_id, str(path), artifact_path="plots")
     for path in (md, page):
         client.log_artifact(sweep.run_id, str(path), artifact_path="report")
     return md
 
 
-# ------------------------------------------------------------------------------ CLI
+def _seed_rows(df, metrics: list[str], knobs: list[str]) -> list[list[str]]:
+    """One row per configuration that is a reference or ran with several seeds."""
+    from analysis import finished, run_label
+
+    runs = finished(df)
+    if not len(runs):
+        return []
+    keys = [k for k in knobs if k != "train.seed" and k in runs.columns]
+    rows = []
+    for _, g in runs.groupby(keys, dropna=False, sort=True) if keys else [((), runs)]:
+        role = "reference" if (g.get("role") == "reference").any() else "searched"
+        if role != "reference" and len(g) < 2:
+            continue
+        cells = []
+        for m in metrics:
+            col = g[m].dropna() if m in g.columns else []
+            cells.append("-" if not len(col) else fmt(col.mean()) + (f" ± {fmt(col.std())}" if len(col) > 1 else ""))
+        rows.append([run_label(g.iloc[0]).replace(" s=" + str(g.iloc[0].get("train.seed", "")), ""), role,
+                     str(len(g)), *cells])
+    return rows
 
 
-def resolve_store(store: str | None, experiment: str | None = None, flag: str = "--store",
-                  sweeps_dir: str | os.PathLike = SWEEPS_DIR) -> str:
-    """A tracking URI from ``--store``: a URI as is, a ``.db`` file, or a directory holding
-    ``mlflow.db``; default ``$MLFLOW_TRACKING_URI``, else the newest store under
-    ``runs/sweeps/<experiment>/`` (any experiment when none is named)."""
-    if store is None:
-        if os.environ.get("MLFLOW_TRACKING_URI"):
-            return os.environ["MLFLOW_TRACKING_URI"]
-        # A sweep script's default output is runs/sweeps/<name>/<date-time>/; an explicit
-        # --output-dir runs/sweeps/<name> puts the store one level up.
-        name, root = experiment or "*", Path(sweeps_dir)
-        found = sorted([*root.glob(f"{name}/mlflow.db"), *root.glob(f"{name}/*/mlflow.db")],
-                       key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise FileNotFoundError(
-                f"no MLflow store found (looked for {root}/{name}/[*/]mlflow.db "
-                f"and $MLFLOW_TRACKING_URI); pass {flag} with a sweep's store")
-        return f"sqlite:///{found[-1].resolve()}"
-    if "://" in store:
-        return store
-    path = Path(store).expanduser()
-    if path.is_dir():
-        path = path / "mlflow.db"
-    if not path.is_file():
-        raise FileNotFoundError(f"{flag} {store!r}: no MLflow store there (no {path}); give "
-                                "a sweep's output directory, its mlflow.db, or a tracking URI")
-    return f"sqlite:///{path.resolve()}"
-
-
-def ui_command(uri: str, port: int, workers: int = 1) -> list[str]:
-    """The ``mlflow server`` command line ``kd ui`` runs (bound to 127.0.0.1 only)."""
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-            "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
-
-
-def run_report(args: argparse.Namespace) -> int:
-    """``kd report EXPERIMENT``: write the report folder and print report.md's path."""
-    try:
-        uri = resolve_store(args.tracking_uri, args.experiment, flag="--tracking-uri")
-        if args.out:
-            out = Path(args.out)
-        elif uri.startswith("sqlite:///"):
-            out = Path(uri.removeprefix("sqlite:///")).parent / "report"
-        else:
-            out = Path("runs") / "reports" / args.experiment
-        path = write_report(uri, args.experiment, out)
-    except (FileNotFoundError, LookupError) as e:
-        print(f"kd report: {e}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
-
-
-def run_ui(args: argparse.Namespace) -> int:
-    """``kd ui``: serve the MLflow UI for the store on 127.0.0.1 until interrupted."""
-    try:
-        uri = resolve_store(args.store)
-    except FileNotFoundError as e:
-        print(f"kd ui: {e}", file=sys.stderr)
-        return 2
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": os.environ.get(
-        "MLFLOW_DISABLE_TELEMETRY", "true")}
-    print(f"MLflow UI for {uri}\n  http://127.0.0.1:{args.port}  (Ctrl-C stops it)",
-          flush=True)
-    from kd.serve import serve  # the server's whole process group stops with kd ui
-
-    return serve(ui_command(uri, args.port, args.workers), env=env)
-
-
-def add_parser(subparsers) -> None:
-    """Register ``report`` and ``ui`` on the ``kd`` command's subparsers."""
-    p = subparsers.add_parser("report", help="write a sweep's report folder (report.md, "
-                              "report.html, plots) from MLflow and print its path")
-    p.add_argument("experiment", metavar="EXPERIMENT", help="the sweep's experiment name")
-    p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow store (a URI, "
-                   "an mlflow.db or a sweep's output dir); default $MLFLOW_TRACKING_URI, else "
-                   "the newest store under runs/sweeps/EXPERIMENT/")
-    p.add_argument("--out", default=None, help="output folder; default report/ next to the "
-                   "store's mlflow.db")
-    p.set_defaults(func=run_report)
-
-    p = subparsers.add_parser("ui", help="serve the MLflow UI for the project's store on "
-                              "127.0.0.1 and print its URL")
-    p.add_argument("--store", default=None, metavar="DIR_OR_URI", help="a sweep's output "
-                   "dir, an mlflow.db file or a tracking URI; default $MLFLOW_TRACKING_URI, "
-                   "else the newest store under runs/sweeps/")
-    p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--workers", type=int, default=1, help="server worker processes")
-    p.set_defaults(func=run_ui)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m kd.report report|ui ...``: the same subcommands without ``kd.cli``."""
-    parser = argparse.ArgumentParser(prog="kd")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

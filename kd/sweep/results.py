@@ -1,0 +1,236 @@
+"""What a sweep found, as numbers and one sentence: per-configuration seed statistics,
+the finalists to re-run, and the verdict. Plain Python (no Ray, no MLflow, no pandas), so
+the report in ``analysis/`` computes the same verdict from MLflow's records.
+
+A *configuration* is a trial's searched values (``train.seed`` aside), or the CE-only
+reference. Its entry is ``{"config": {...}, "n_seeds": n, "mean": {metric: v},
+"std": {metric: v}}`` (``std`` across seeds, ddof=1; absent for one seed).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kd.metrics import TASK_METRICS, direction
+
+SEED = "train.seed"
+#: Metrics summarised per configuration besides the objectives.
+SUMMARY_METRICS = ("acc_mean", *TASK_METRICS, "retention", "val_loss", "params", "size_mb",
+                   "latency_ms_per_token")
+
+
+@dataclass
+class SweepResults:
+    """What a sweep produced and where it lies."""
+
+    name: str
+    experiment: str
+    output_dir: Path
+    tracking_uri: str
+    parent_run_id: str
+    objectives: list[str]
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    """One dict per trial: trial_id, role, status, run_id, params, metrics, error."""
+    summary: dict[str, Any] = field(default_factory=dict)
+    """teacher, reference, best or front, configs, verdict (see :func:`summarize`)."""
+    wall_time_s: float = 0.0
+    interrupted: bool = False
+    error: str | None = None
+    """Why the sweep failed (no searched trial finished), else None."""
+
+    def best(self, metric: str | None = None) -> dict[str, Any] | None:
+        """The finished searched trial best on ``metric`` (default: the first objective)."""
+        return best_trial(self.trials, metric or self.objectives[0])
+
+    def text(self) -> str:
+        counts: dict[str, int] = {}
+        for t in self.trials:
+            counts[t["status"]] = counts.get(t["status"], 0) + 1
+        lines = [f"sweep {self.name}: {len(self.trials)} trials "
+                 f"({', '.join(f'{v} {k.lower()}' for k, v in sorted(counts.items()))}) in {self.wall_time_s:.0f} s"]
+        best = self.best()
+        if best:
+            params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+            vals = ", ".join(f"{m}={best['metrics'].get(m, float('nan')):.4g}" for m in self.objectives)
+            lines.append(f"best by {self.objectives[0]}: {vals}  ({params})")
+        if self.summary.get("verdict"):
+            lines.append(f"verdict: {self.summary['verdict']}")
+        lines.append(f"MLflow store: {self.tracking_uri}  (experiment {self.experiment!r}, "
+                     f"parent run {self.parent_run_id})")
+        lines.append(f"results: {self.output_dir / 'results.json'}")
+        lines.append(f"MLflow UI: mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1")
+        return "\n".join(lines)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def best_trial(trials: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """The finished searched trial with the best ``metric``."""
+    done = [t for t in trials if t["status"] == "FINISHED" and t.get("role", "trial") == "trial"
+            and _finite(t["metrics"].get(metric))]
+    if not done:
+        return None
+    sign = 1 if direction(metric) == "max" else -1
+    return max(done, key=lambda t: sign * t["metrics"][metric])
+
+
+def front_trials(trials: list[dict[str, Any]], objectives: list[str]) -> list[dict[str, Any]]:
+    """The finished searched trials no other dominates on ``objectives``."""
+    done = [t for t in trials if t["status"] == "FINISHED" and t.get("role", "trial") == "trial"
+            and all(_finite(t["metrics"].get(m)) for m in objectives)]
+    signs = [1 if direction(m) == "min" else -1 for m in objectives]
+    loss = [[s * t["metrics"][m] for s, m in zip(signs, objectives)] for t in done]
+
+    def dominated(i: int) -> bool:
+        return any(all(a <= b for a, b in zip(loss[j], loss[i])) and loss[j] != loss[i]
+                   for j in range(len(done)) if j != i)
+
+    return [t for i, t in enumerate(done) if not dominated(i)]
+
+
+def config_of(trial: dict[str, Any]) -> dict[str, Any]:
+    """A trial's configuration: what identifies it across seeds."""
+    if trial.get("role") == "reference":
+        return {"loss.kd_weight": 0.0, **{k: v for k, v in trial["params"].items() if k.startswith("student.")}}
+    return {k: v for k, v in trial["params"].items() if k != SEED}
+
+
+def entry(trials: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any]:
+    """``{"config", "n_seeds", "mean", "std"}`` over the finished runs of one configuration."""
+    done = [t for t in trials if t["status"] == "FINISHED"]
+    out: dict[str, Any] = {"config": config_of(trials[0]), "n_seeds": len(done), "mean": {}, "std": {},
+                           "trial_ids": [t["trial_id"] for t in done]}
+    for m in metrics:
+        values = [t["metrics"][m] for t in done if _finite(t["metrics"].get(m))]
+        if values:
+            out["mean"][m] = statistics.fmean(values)
+            if len(values) > 1:
+                out["std"][m] = statistics.stdev(values)
+    return out
+
+
+def group(trials: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Trials grouped by configuration (references together), in order of first appearance."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for t in trials:
+        key = "reference" if t.get("role") == "reference" else repr(sorted(config_of(t).items()))
+        groups.setdefault(key, []).append(t)
+    return list(groups.values())
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def _name(config: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in config.items()) or "the base config"
+
+
+def _pm(e: dict[str, Any], m: str) -> str:
+    std = e["std"].get(m)
+    seeds = f"{e['n_seeds']} seed{'s' if e['n_seeds'] != 1 else ''}"
+    return f"{_fmt(e['mean'][m])} ± {_fmt(std)} ({seeds})" if std is not None else f"{_fmt(e['mean'][m])} ({seeds})"
+
+
+def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, reference: dict | None,
+            front: list[dict] | None = None) -> str:
+    """One plain sentence: what the sweep found and how sure it is, from the entries.
+
+    "Beats" only when the mean difference exceeds the seed spread (the larger std of the
+    two); with one seed on either side the spread is unknown and the sentence says so.
+    """
+    m = objectives[0] if len(objectives) == 1 else "acc_mean"
+    sign = 1 if direction(m) == "max" else -1
+    if front is not None:
+        ok = [e for e in front if m in e["mean"]]
+        if not ok:
+            return "No trial finished with every objective, so there is no front to report."
+        text = f"The Pareto front has {len(ok)} configuration{'s' if len(ok) != 1 else ''}"
+        if reference and m in reference["mean"]:
+            beat = [e for e in ok if _beats(e, reference, m, sign)]
+            ref = f"the CE-only reference's {m} ({_pm(reference, m)})"
+            if all(m in e["std"] for e in ok) and m in reference["std"]:
+                text += f"; {len(beat)} of them beat {ref} by more than the seed spread"
+            else:
+                text += (f"; {len(beat)} of them are above {ref} by their mean, but with one seed the spread "
+                         "is unknown, so that is not a verdict")
+        return text + "."
+    if best is None or m not in best["mean"]:
+        return f"No searched trial finished with {m}, so the sweep found nothing to report."
+    text = f"The best configuration ({_name(best['config'])}) reaches {m} {_pm(best, m)}"
+    if reference and m in reference["mean"]:
+        diff = sign * (best["mean"][m] - reference["mean"][m])
+        spread = _spread(best, reference, m)
+        ref = f"the CE-only reference ({_pm(reference, m)})"
+        if spread is None:
+            text += (f"; it is {'above' if diff > 0 else 'not above'} {ref} by {_fmt(abs(diff))}, "
+                     "but with one seed the spread is unknown, so it is not a verdict")
+        elif diff > spread:
+            text += f" and beats {ref} by {_fmt(diff)}, more than the seed spread ({_fmt(spread)})"
+        else:
+            text += (f" and does not beat {ref}: the difference ({_fmt(diff)}) is within the seed spread "
+                     f"({_fmt(spread)})")
+    else:
+        text += "; no CE-only reference finished to compare with"
+    if runner_up and m in runner_up["mean"]:
+        gap = sign * (best["mean"][m] - runner_up["mean"][m])
+        spread = _spread(best, runner_up, m)
+        if spread is None:
+            text += (f"; the runner-up ({_name(runner_up['config'])}, {_pm(runner_up, m)}) is "
+                     f"{_fmt(abs(gap))} {'behind' if gap >= 0 else 'ahead'}, with no seed spread to tell "
+                     "them apart")
+        elif gap > spread:
+            text += f"; the runner-up ({_name(runner_up['config'])}) is behind by more than the spread"
+        else:
+            text += (f"; the runner-up ({_name(runner_up['config'])}, {_pm(runner_up, m)}) cannot be "
+                     "told apart from it")
+    return text + "."
+
+
+def _spread(a: dict, b: dict, m: str) -> float | None:
+    """The seed spread two entries are judged by: the larger std known (None if neither has one)."""
+    stds = [e["std"][m] for e in (a, b) if m in e["std"]]
+    return max(stds) if stds else None
+
+
+def _beats(e: dict, ref: dict, m: str, sign: int) -> bool:
+    spread = _spread(e, ref, m) or 0.0
+    return sign * (e["mean"][m] - ref["mean"][m]) > spread
+
+
+def summarize(trials: list[dict[str, Any]], objectives: list[str], teacher: dict[str, float]) -> dict[str, Any]:
+    """``teacher``, ``reference``, ``best`` + ``runner_up`` (one objective) or ``front`` (several),
+    ``configs`` (every configuration) and ``verdict``: what ``results.json`` carries."""
+    metrics = list(dict.fromkeys([*objectives, *SUMMARY_METRICS]))
+    entries = [(g, entry(g, metrics)) for g in group(trials)]
+    out: dict[str, Any] = {"teacher": teacher, "configs": [e for _, e in entries]}
+    ref = next((e for g, e in entries if g[0].get("role") == "reference" and e["n_seeds"]), None)
+    if ref is not None:
+        out["reference"] = ref
+    searched = [e for g, e in entries if g[0].get("role", "trial") != "reference" and e["n_seeds"]]
+    if len(objectives) == 1:
+        m, sign = objectives[0], (1 if direction(objectives[0]) == "max" else -1)
+        # The best is the configuration the search found best (the one re-run with more
+        # seeds); the runner-up the best of the others by mean.
+        top = best_trial(trials, m)
+        key = repr(sorted(config_of(top).items())) if top else None
+        best = next((e for e in searched if repr(sorted(e["config"].items())) == key), None)
+        others = sorted((e for e in searched if e is not best and m in e["mean"]), key=lambda e: -sign * e["mean"][m])
+        runner = others[0] if others else None
+        if best is not None:
+            out["best"] = best
+        if runner is not None:
+            out["runner_up"] = runner
+        out["verdict"] = verdict(objectives, best, runner, ref)
+    else:
+        keys = {repr(sorted(config_of(t).items())) for t in front_trials(trials, objectives)}
+        front = [e for e in searched if repr(sorted(e["config"].items())) in keys]
+        out["front"] = front
+        out["verdict"] = verdict(objectives, None, None, ref, front=front)
+    return out

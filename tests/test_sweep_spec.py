@@ -1,0 +1,221 @@
+"""The sweep layer's pure parts: rungs, pruning choice, duplicate proposals, verdict, resume flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kd.sweep.results import summarize, verdict
+from kd.sweep.spec import Choice, IntRange, LogUniform, Uniform, is_close, space_from_json, space_to_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("steps, every, rungs", [(20, 10, (10,)), (150, 50, (50, 100)), (760, 95, (285, 570)),
+                                                (10, 10, ()), (30, 10, (10, 20))])
+def test_rungs_are_evaluations_strictly_before_the_last(steps, every, rungs):
+    from kd.sweep.search import rung_steps
+
+    assert rung_steps(steps, every) == rungs
+    for s in range(1, 400, 7):
+        for e in (1, 3, 10, 50):
+            got = rung_steps(s, e)
+            assert all(r < s and r % e == 0 for r in got), (s, e, got)
+
+
+def test_pruning_ranks_like_the_objective_and_never_on_val_loss_for_accuracy():
+    from kd.sweep.search import pruning
+
+    acc = pruning(["acc_mean"], 150, 50)
+    assert (acc.metric, acc.mode, acc.steps, acc.tasks) == ("acc_mean", "max", (50, 100), True)
+    assert pruning(["retention"], 150, 50).metric == "acc_mean"
+    loss = pruning(["val_loss"], 150, 50)
+    assert (loss.metric, loss.tasks) == ("val_loss", False)
+    assert pruning(["acc_mean", "params"], 150, 50) is None, "multi-objective sweeps never prune"
+    assert pruning(["params"], 150, 50) is None
+    assert pruning(["acc_mean"], 10, 10) is None, "no evaluation before the last: nothing to prune on"
+    sched = acc.scheduler(150)
+    assert sched._metric == "rung_acc_mean" and sched._time_attr == "rung_step"
+
+
+def test_trial_adds_rung_keys_only_at_rungs():
+    from kd.sweep.trial import _rung
+
+    meta = {"prune": {"metric": "acc_mean", "steps": [10], "tasks": True}}
+    assert _rung({"step": 10.0, "acc_mean": 0.3}, meta)["rung_acc_mean"] == 0.3
+    assert "rung_step" not in _rung({"step": 20.0, "acc_mean": 0.3}, meta)
+    assert "rung_step" not in _rung({"step": 10.0, "val_loss": 2.0}, meta)
+    assert _rung({"step": 10.0}, {"prune": None}) == {"step": 10.0}
+
+
+def test_close_points_on_every_dimension():
+    space = {"loss.temperature": LogUniform(0.5, 20.0), "loss.kd_weight": Uniform(0.0, 1.0)}
+    a = {"loss.temperature": 0.5390, "loss.kd_weight": 0.5}
+    assert is_close(a, {"loss.temperature": 0.5398, "loss.kd_weight": 0.51}, space)
+    assert not is_close(a, {"loss.temperature": 0.5398, "loss.kd_weight": 0.6}, space)
+    assert not is_close(a, {"loss.temperature": 0.6, "loss.kd_weight": 0.5}, space)  # 3% of the log range
+    shapes = {"student.n_layer": Choice([1, 2]), "x": IntRange(1, 4)}
+    assert is_close({"student.n_layer": 1, "x": 2}, {"student.n_layer": 1, "x": 2}, shapes)
+    assert not is_close({"student.n_layer": 1, "x": 2}, {"student.n_layer": 2, "x": 2}, shapes)
+
+
+def test_searcher_never_proposes_a_duplicate():
+    from kd.sweep.search import searcher, to_tune
+
+    space = {"student.n_layer": Choice([1, 2, 3]), "student.n_embd": Choice([32, 64])}
+    s = searcher(["acc_mean"], space, seed=0, budget=6, points=[{"student.n_layer": 1, "student.n_embd": 32}])
+    s.set_search_properties(None, None, to_tune(space))
+    seen = []
+    for i in range(6):  # all 6 combinations, each once: TPE alone repeats categorical picks
+        config = s.suggest(f"t{i}")
+        seen.append((config["student.n_layer"], config["student.n_embd"]))
+        s.on_trial_complete(f"t{i}", {"acc_mean": 0.1 * config["student.n_layer"]})
+    assert seen[0] == (1, 32) and len(set(seen)) == 6, seen
+
+
+def test_space_round_trips_through_json():
+    space = {"a": LogUniform(0.5, 20.0), "b": Uniform(0.0, 1.0), "c": IntRange(1, 4), "d": Choice([64, 128])}
+    assert space_from_json(json.loads(json.dumps(space_to_json(space)))) == space
+
+
+def _e(config, values, role="trial"):
+    return {"config": config, "n_seeds": len(values), "mean": {"acc_mean": sum(values) / len(values)},
+            "std": ({"acc_mean": float(__import__("statistics").stdev(values))} if len(values) > 1 else {})}
+
+
+def test_verdict_says_beats_only_beyond_the_seed_spread():
+    ref = _e({"loss.kd_weight": 0.0}, [0.10, 0.11])
+    clear = verdict(["acc_mean"], _e({"loss.temperature": 2.0}, [0.20, 0.21]), None, ref)
+    assert "beats the CE-only reference" in clear and "more than the seed spread" in clear
+    close = verdict(["acc_mean"], _e({"loss.temperature": 2.0}, [0.10, 0.13]), None, ref)
+    assert "does not beat" in close and "within the seed spread" in close
+    one = verdict(["acc_mean"], _e({"loss.temperature": 2.0}, [0.2]), None, _e({}, [0.1]))
+    assert "spread is unknown" in one and "beats" not in one
+    runner = verdict(["acc_mean"], _e({"loss.temperature": 2.0}, [0.20, 0.21]),
+                     _e({"loss.temperature": 4.0}, [0.205]), ref)
+    assert "cannot be told apart" in runner
+
+
+def _t(tid, role, temp, seed, acc, status="FINISHED"):
+    return {"trial_id": tid, "role": role, "status": status, "seed": seed,
+            "params": {} if role == "reference" else {"loss.temperature": temp},
+            "metrics": {"acc_mean": acc, "params": 100.0}}
+
+
+def test_summary_has_the_keys_results_json_promises():
+    trials = [_t("a", "trial", 2.0, 0, 0.30), _t("b", "trial", 4.0, 0, 0.25), _t("c", "trial", 8.0, 0, 0.0, "STOPPED"),
+              _t("r0", "reference", None, 0, 0.10), _t("r1", "reference", None, 1, 0.12),
+              _t("a1", "repeat", 2.0, 1, 0.28)]
+    s = summarize(trials, ["acc_mean"], {"acc_mean": 0.5})
+    assert {"teacher", "reference", "best", "verdict"} <= set(s)
+    for key in ("reference", "best"):
+        assert {"config", "n_seeds", "mean", "std"} <= set(s[key])
+    assert s["best"]["config"] == {"loss.temperature": 2.0} and s["best"]["n_seeds"] == 2
+    assert s["best"]["mean"]["acc_mean"] == pytest.approx(0.29)
+    assert s["reference"]["n_seeds"] == 2 and s["reference"]["std"]["acc_mean"] == pytest.approx(0.01414, rel=1e-3)
+    assert s["runner_up"]["config"] == {"loss.temperature": 4.0}
+    assert s["verdict"].startswith("The best configuration (loss.temperature=2)") and "beats" in s["verdict"]
+    multi = summarize(trials, ["acc_mean", "params"], {})
+    assert "best" not in multi and [e["config"] for e in multi["front"]] == [{"loss.temperature": 2.0}]
+
+
+def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KD_CACHE_DIR": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, str(ROOT / "sweeps" / "temperature.py"), *args], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def _stored(out: Path, **extra) -> None:
+    from kd.config import KDConfig, apply_overrides
+    from kd.sweep.cli import parser  # noqa: F401  (the state below is what the driver writes)
+    from kd.sweep.spec import PRESETS, base_dict
+
+    out.mkdir(parents=True)
+    state = {"name": "temperature", "experiment": "temperature", "parent_run_id": "x", "tracking_uri": "",
+             "preset": "smoke", "budget": 2, "overrides": {}, "objectives": ["acc_mean"],
+             "space": space_to_json({"loss.temperature": LogUniform(0.5, 20.0)}), "points": [],
+             "base": base_dict(apply_overrides(KDConfig(), PRESETS["smoke"])), "repeats": 1, "references": True,
+             "early_stop": True, "num_workers": 1, "seed": 0, "phase": "search", **extra}
+    (out / "sweep.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "demo"], "--preset=demo contradicts the sweep being resumed (--preset=smoke in sweep.json)"),
+    (["--trials", "6"], "--trials=6 contradicts the sweep being resumed (--trials=2 in sweep.json)"),
+    (["--set", "train.steps=40"], "--set train.steps=40 contradicts the sweep being resumed (--set nothing in sweep.json)"),
+    (["--no-early-stop"], "--no-early-stop contradicts the sweep being resumed"),
+])
+def test_resume_refuses_a_contradicting_flag_in_one_line(tmp_path, args, message):
+    out = tmp_path / "sweep"
+    _stored(out)
+    before = sorted(p.name for p in out.iterdir())
+    proc = _cli(["--resume", "--output-dir", str(out), *args], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == before and not (tmp_path / "cache").exists()
+
+
+def test_resume_of_a_finished_sweep_says_finished(tmp_path):
+    out = tmp_path / "sweep"
+    _stored(out, phase="done")
+    proc = _cli(["--resume", "--output-dir", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "is finished (2 trials, preset smoke): nothing to resume" in proc.stdout
+    assert "interrupted" not in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------ failing fast (issue 15: items 2 and 3)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--address", "127.0.0.1:{port}"], {}, "--address=127.0.0.1:{port}: no Ray there"),
+    ([], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"}, "MLFLOW_TRACKING_URI=http://127.0.0.1:{port} does not answer"),
+    (["--gpu"], {"CUDA_VISIBLE_DEVICES": ""}, "--gpu is not possible here"),
+])
+def test_missing_service_fails_fast_in_one_line_and_strands_nothing(tmp_path, args, env, message):
+    import time
+
+    port = _free_port()
+    out = tmp_path / "out"
+    fmt = lambda v: v.format(port=port)  # noqa: E731
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--preset", "smoke",
+                           "--output-dir", str(out), *map(fmt, args)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "KD_CACHE_DIR": str(tmp_path / "cache"),
+                                           **{k: fmt(v) for k, v in env.items()}})
+    assert time.monotonic() - t0 < 15
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and fmt(message) in errors[0], proc.stderr[-2000:]
+    assert not (out / "sweep.json").exists(), "a sweep that could not start leaves nothing to resume or refuse"
+    assert not (tmp_path / "cache").exists(), "nothing was built"
+
+
+def test_credentials_never_leave_the_environment(monkeypatch, tmp_path):
+    from kd.tracking import tracking_uri, without_credentials
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s%3Acret@127.0.0.1:5001/path")
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    assert tracking_uri(tmp_path) == "http://127.0.0.1:5001/path"
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5001/path", "child processes inherit it clean"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", "s:cret")
+    assert without_credentials("sqlite:////tmp/x/mlflow.db") == "sqlite:////tmp/x/mlflow.db"
+    from analysis.commands import resolve_store
+
+    with pytest.raises(ValueError, match="put no password in a URI"):
+        resolve_store("http://bob:pw@127.0.0.1:5000")
