@@ -86,10 +86,12 @@ def _prepare(base: KDConfig) -> None:
 def _prepare_soft_labels(base: KDConfig) -> dict[str, float]:
     """The teacher's reference metrics and, in cache mode, its soft labels, before the trials.
 
-    The teacher pass runs as Ray Data batch inference (``ray.init`` done), so on a cluster
-    it spreads over its GPUs; the trials then only read the cache and never load the
-    teacher. A trial whose config needs another cache (a searched ``loss.top_k``) builds
-    its own.
+    On a cluster (several nodes, or GPUs) the teacher pass runs as Ray Data batch
+    inference over them; on one CPU node it runs as a loop in this process, which measured
+    4.3x faster than Ray Data's actor pool on the same node (5.7 s against 24.3 s for the
+    demo's 534 blocks: the pool's start-up and object transfers cost more than they spread).
+    The trials then only read the cache and never load the teacher. A trial whose config
+    needs another cache (a searched ``loss.top_k``) builds its own.
     """
     from kd.data import load_blocks
     from kd.models import load_pretrained, load_tokenizer
@@ -105,7 +107,9 @@ def _prepare_soft_labels(base: KDConfig) -> dict[str, float]:
 
         # The Ray Data actors load their own teacher; this process loads it only when the
         # reference metrics are not cached yet.
-        ensure_soft_labels(base, source, tokenizer, blocks.train, backend="ray", progress=True)
+        spread = len(ray.nodes()) > 1 or ray.cluster_resources().get("GPU", 0) > 0
+        ensure_soft_labels(base, source, tokenizer, blocks.train, backend="ray" if spread else "local",
+                           progress=True)
     return teacher_metrics(None, tokenizer, source, base, blocks.val,
                            load=lambda: load_pretrained(source, trust_remote_code=trust)[0])
 

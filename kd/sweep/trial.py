@@ -41,6 +41,7 @@ import ray.train
 import ray.tune
 from ray.tune import Checkpoint
 
+from kd.device import use_threads
 from kd.run import distill
 from kd.sweep.spec import META, trial_config
 
@@ -90,14 +91,12 @@ def _student_checkpoint(cfg) -> Checkpoint | None:
 
 def trial_in_process(config: dict[str, Any], runner: Runner | None = None) -> None:
     """Tune function trainable: the distillation loop runs in this trial's process."""
-    import torch
-
     entered = time.time()
     meta = config[META]
     trial_id = ray.tune.get_context().get_trial_id()
     threads = int(meta.get("threads", 0)) or max(1, int(ray.get_runtime_context().get_assigned_resources()
                                                       .get("CPU", 1)))
-    torch.set_num_threads(threads)
+    use_threads(threads)
     cfg = _trial_cfg(config, trial_id, threads)
     timing = {"kd_trial_entered": entered}
 
@@ -127,7 +126,6 @@ def trial_in_process(config: dict[str, Any], runner: Runner | None = None) -> No
 
 def worker_loop(config: dict[str, Any], runner: Runner | None = None) -> None:
     """Ray Train worker: distill with DDP hooks; report on every rank, checkpoint from rank 0."""
-    import torch
     from ray.train.torch import get_device, prepare_data_loader, prepare_model
 
     from kd.train import Hooks
@@ -136,7 +134,7 @@ def worker_loop(config: dict[str, Any], runner: Runner | None = None) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = int(meta.get("threads", 0)) or 1
-    torch.set_num_threads(threads)
+    use_threads(threads)
     cfg = _trial_cfg(config, meta["trial_id"], threads)
     if rank:  # one output dir per rank: only rank 0 writes the student, but keep them apart
         cfg.output_dir = f"{cfg.output_dir}-rank{rank}"
