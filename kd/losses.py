@@ -75,10 +75,25 @@ class LossParts(NamedTuple):
 def _plog(p: Tensor, log_p: Tensor, log_r: Tensor) -> Tensor:
     """sum p * (log p - log r) over the last dim, with 0 * log 0 = 0.
 
-    The where keeps a -inf log-prob (a masked vocabulary entry) from turning 0 * -inf
-    into NaN; finite-but-underflowed probabilities give 0 without it anyway.
+    A -inf log-prob (a masked vocabulary entry, or an empty tail bucket) has p = 0 and
+    log p - log r = -inf - -inf = NaN. The where goes on the *difference*, before the
+    product: a where on the product would still send 0 * NaN = NaN into p's gradient
+    (the unselected branch is differentiated too); the subtraction's backward only
+    routes the zero it gets.
     """
-    return torch.where(p > 0, p * (log_p - log_r), torch.zeros_like(p)).sum(-1)
+    diff = torch.where(p > 0, log_p - log_r, 0.0)
+    return (p * diff).sum(-1)
+
+
+def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
+    """``logaddexp(a, b)`` whose gradient is 0, not NaN, where both are -inf.
+
+    ``torch.logaddexp(-inf, -inf)`` is -inf with a NaN backward; the inner where feeds it
+    finite stand-ins there and the outer one puts -inf back (with zero gradient).
+    """
+    empty = (a == -math.inf) & (b == -math.inf)
+    out = torch.logaddexp(torch.where(empty, 0.0, a), torch.where(empty, 0.0, b))
+    return torch.where(empty, -math.inf, out)
 
 
 def _tail(tail: Tensor | None, scale: float) -> Tensor | float:
@@ -127,7 +142,7 @@ def jsd(log_p: Tensor, log_q: Tensor, tail: Tensor | None = None, beta: float = 
         (N,) fp32.
     """
     # log m by logsumexp: p and q can both be tiny where exp would underflow.
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    log_m = _logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
     body = beta * _plog(log_p.exp(), log_p, log_m) + (1 - beta) * _plog(log_q.exp(), log_q, log_m)
     return body + _tail(tail, -(1 - beta) * math.log1p(-beta))
 
@@ -146,7 +161,7 @@ def skew_kl(log_p: Tensor, log_q: Tensor, tail: Tensor | None = None, alpha: flo
     """
     if alpha == 0:  # the mixture is q itself (and math.log(0) would raise)
         return forward_kl(log_p, log_q)
-    log_mix = torch.logaddexp(log_p + math.log(alpha), log_q + math.log1p(-alpha))
+    log_mix = _logaddexp(log_p + math.log(alpha), log_q + math.log1p(-alpha))
     return _plog(log_p.exp(), log_p, log_mix)
 
 
