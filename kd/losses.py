@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kd.compact import bucket_log_probs, interpolate
+from kd.losses_chunked import chunked_loss, should_chunk
 from kd.losses_fused import FusedForwardKL
 
 IGNORE_INDEX = -100
@@ -393,7 +394,6 @@ def distillation_loss(
             slope = None if topk_tail_slope is None else topk_tail_slope.reshape(n, -1)
             tail = interpolate(topk_tail_lse.reshape(n, -1), slope, tuple(tail_betas), 1.0 / temperature)
             tail = torch.where(keep, tail, 0.0)  # masked rows may hold anything
-    from kd.losses_chunked import chunked_loss, should_chunk
 
     args = (temperature, kd_weight, divergence, jsd_beta, skew_alpha)
     if should_chunk(chunk_tokens, n, vocab):
