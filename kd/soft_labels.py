@@ -49,6 +49,9 @@ import numpy as np
 import torch
 from safetensors.numpy import save as save_numpy
 
+from kd.cache import publish_dir as _publish
+from kd.cache import sha256_file as _sha256_file
+from kd.cache import write_atomic as _write_atomic
 from kd.compact import compress, temperature_grid
 from kd.config import ConfigError, KDConfig, fingerprint
 from kd.paths import cache_dir
@@ -77,14 +80,6 @@ class SoftLabelsError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- keys
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_fingerprint(source: str) -> str:
@@ -304,13 +299,6 @@ def build_with_ray(teacher_args: dict[str, Any], n_blocks: int, batch_size: int 
 # ------------------------------------------------------------------------ writing
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def write_cache(path: Path, key: dict[str, Any], batches: Iterable[dict[str, np.ndarray]], *, n_blocks: int,
                 n_vocab: int, extra: dict[str, Any] | None = None) -> Path:
     """Write teacher batches as shards + manifest into a temp dir, then rename it to ``path``.
@@ -370,20 +358,6 @@ def write_cache(path: Path, key: dict[str, Any], batches: Iterable[dict[str, np.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    if path.exists():  # a bad cache (else we would not be building): move it aside atomically
-        trash = path.parent / f".bad-{path.name}-{os.getpid()}-{time.time_ns()}"
-        try:
-            os.replace(path, trash)
-        except OSError:  # another process moved or replaced it first
-            pass
-        shutil.rmtree(trash, ignore_errors=True)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process published first: theirs is as good as ours
-        pass
 
 
 # ------------------------------------------------------------------------ reading
