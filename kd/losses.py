@@ -39,6 +39,13 @@ dense divergence against ``p~`` computed exactly from those k + 1 numbers:
 
 At ``k = V`` the tail is 0 and every sparse value and gradient equals the dense one up
 to float rounding (the teacher's softmax over its k logits is then the full softmax).
+
+With the compact format's ``topk_tail_lse`` (:mod:`kd.compact`: the log-partition of the
+teacher's logits outside the k ids, on a grid of 1/T) the target is instead the *exact*
+tempered teacher on k + 1 buckets (the kept ids and one tail bucket; the student's bucket
+is its mass outside them), and every divergence is the ordinary one between those two
+(k + 1)-bucket distributions. That is a lower bound of the full-vocabulary divergence
+(the shape inside the tail is not supervised): bench/results/soft_labels_compact.md.
 """
 
 from __future__ import annotations
