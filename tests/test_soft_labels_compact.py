@@ -119,3 +119,28 @@ def test_auto_format_follows_the_vocabulary(big_teacher):
     assert resolve_format(cfg, 32000) == ("compact", 64)
     assert resolve_format(_cfg(big_teacher, **{"loss.soft_label_format": "topk"}), 32000) == ("topk", 32)
     assert np.iinfo(np.int16).max + 1 == VOCAB  # int16 ids reach exactly this vocabulary
+
+
+@pytest.mark.parametrize("vocab", [70_000, 140_000])
+def test_cache_keeps_token_ids_past_int16_and_17_bits(tmp_path, vocab):
+    from kd.compact import compress, temperature_grid
+    from kd.soft_labels import load_soft_labels, write_cache
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2 * 3, vocab, generator=g)
+    logits[:, -5:] += 30.0  # the largest logits sit at the last ids
+    betas = temperature_grid(0.5, 8.0, 3)
+    values, idx, lse, slope = compress(logits, 8, betas)
+    batch = {"block_index": np.arange(2), "topk_values": values.reshape(2, 3, 8).numpy(),
+             "topk_indices": idx.reshape(2, 3, 8).numpy().astype(np.int32),
+             "tail_lse": lse.reshape(2, 3, 3).numpy(), "tail_slope": slope.reshape(2, 3, 3).numpy()}
+    key = {"test": vocab, "layout": "compact", "betas": list(betas)}
+    from kd.config import fingerprint
+
+    path = write_cache(tmp_path / fingerprint(key), key, [batch], n_blocks=2, n_vocab=vocab)
+    labels = load_soft_labels(path, key)
+    assert labels.manifest["index_dtype"] == "int32" and labels.compact
+    assert int(labels.indices.max()) == vocab - 1 and int(labels.indices[..., :5].min()) >= vocab - 5
+    fn = labels.teacher_fn()({"input_ids": torch.zeros(2, 3, dtype=torch.long), "block_index": torch.arange(2)})
+    torch.testing.assert_close(fn["topk_tail_lse"], torch.from_numpy(batch["tail_lse"]))
+    assert fn["tail_betas"] == betas
