@@ -1,23 +1,26 @@
-"""How far top-k sparse distillation is from dense: loss and gradient, by T and k.
+"""How far sparse soft labels are from dense: loss and student-parameter gradients, by V, T, k.
 
-The soft-label cache keeps only the teacher's top-k logits per token (DESIGN.md: one
-cache serves every trial and every temperature). This measures what that costs: for
-each temperature T and k, the relative error of the distillation loss (kd_weight = 1,
-so the loss is T^2 * D) and, for the gradient wrt the student logits, its cosine
-similarity and relative L2 error against the dense (k = V) result.
+Methods, each against the dense teacher (all V logits, fp16 as a dense cache holds them):
 
-    python bench/topk_exactness.py                               # synthetic peaked logits
-    python bench/topk_exactness.py --divergence all --json topk.json
-    python bench/topk_exactness.py --teacher DIR --data FILE [--student DIR]
+- ``dense``    the reference itself (2 V bytes per token);
+- ``topk``     top-k renormalised over its k logits (the truncated teacher; k ids + k fp16);
+- ``compact``  top-k + the tail's log-partition on a grid of 1/T (:mod:`kd.compact`): the
+               exact tempered teacher on k + 1 buckets (+ 8 bytes per grid point). Rows at
+               temperatures between grid points (``on_grid: false``) measure the
+               interpolation.
 
-Without ``--teacher`` the teacher logits are synthetic but shaped like a trained LM's,
-not uniform noise: per token the probabilities follow a power law in rank,
-p_r ~ r^-a with a ~ U(1.2, 2.0) (top-1 probability ~0.2-0.6, a heavy tail), plus
-Gaussian jitter, on a shuffled vocabulary. The student is the teacher's logits shrunk
-and perturbed (a partly trained student that agrees on the top-1 token about half the
-time). With ``--teacher`` the logits come from a ``save_pretrained`` model on the text
-of ``--data`` (.txt or .jsonl with a ``text`` field); the student is ``--student`` if
-given, else the same perturbation of the teacher's logits.
+``grad_cos`` is the cosine between the gradient of the kd loss (kd_weight = 1, T^2 * D)
+wrt the PARAMETERS of a small real student from the method and from dense: a 2-layer
+GPT-2 (d = 64) on one batch of ``--tokens`` token positions, whose logits are its own
+plus a fixed offset that makes it a partly trained student (0.8 * teacher + N(0, 1.5^2):
+top-1 agreement about one half). ``logit_grad_cos`` is the same on the logits.
+
+    python bench/topk_exactness.py --quick --json out.json        # V = 32000, < 1 min
+    python bench/topk_exactness.py --json all.json                # V in {2048, 32000, 128256}
+    python bench/topk_exactness.py --teacher DIR --data FILE      # a save_pretrained teacher
+
+Synthetic teachers are shaped like a trained LM's, not noise: per token p_r ~ r^-a with
+a ~ U(1.2, 2.0) plus N(0, 0.5^2) jitter, on a shuffled vocabulary.
 """
 
 from __future__ import annotations
@@ -26,12 +29,16 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from kd.compact import compress, temperature_grid
 from kd.losses import DIVERGENCES, distillation_loss
+
+QUICK = dict(vocabs="32000", temperatures="1,2,4,8", ks="64", tokens=2048, grid_points=5)
 
 
 def synthetic_teacher(n_tokens: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
@@ -39,13 +46,12 @@ def synthetic_teacher(n_tokens: int, vocab: int, gen: torch.Generator) -> torch.
     a = 1.2 + 0.8 * torch.rand(n_tokens, 1, generator=gen)  # (N, 1) Zipf exponent per token
     ranks = torch.arange(1, vocab + 1, dtype=torch.float32)  # (V,)
     logits = -a * ranks.log() + 0.5 * torch.randn(n_tokens, vocab, generator=gen)
-    # Shuffle which token ids get which rank, so the top-k are not simply the first ids.
-    perm = torch.argsort(torch.rand(n_tokens, vocab, generator=gen), dim=-1)
+    perm = torch.argsort(torch.rand(n_tokens, vocab, generator=gen), dim=-1)  # top-k not the first ids
     return logits.gather(-1, perm)
 
 
 def perturbed_student(teacher: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """A partly trained student: the teacher's logits shrunk and noised (same shape)."""
+    """A partly trained student's logits: the teacher's shrunk and noised (same shape)."""
     return 0.8 * teacher + 1.5 * torch.randn(teacher.shape, generator=gen)
 
 
@@ -65,70 +71,101 @@ def model_logits(model_dir: str, ids: torch.Tensor, vocab: int) -> torch.Tensor:
     return out.reshape(-1, out.shape[-1])[:, :vocab]  # cut padded rows to the tokenizer length
 
 
-def real_logits(args: argparse.Namespace, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, str]:
+def real_teacher(args: argparse.Namespace) -> tuple[torch.Tensor, str]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.teacher)
-    ids = torch.tensor(tok(_read_text(Path(args.data)))["input_ids"])
+    ids = torch.tensor(tok(_read_text(Path(args.data))[: 40 * args.tokens * 8])["input_ids"])
     n_blocks = max(1, min(len(ids) // args.block_size, math.ceil(args.tokens / args.block_size)))
     ids = ids[: n_blocks * args.block_size].reshape(n_blocks, -1)
-    teacher = model_logits(args.teacher, ids, len(tok))
-    student = model_logits(args.student, ids, len(tok)) if args.student else perturbed_student(teacher, gen)
-    source = f"teacher {args.teacher} on {args.data} ({teacher.shape[0]} tokens); student " + (
-        args.student or "= perturbed teacher logits (0.8 * teacher + N(0, 1.5^2))")
-    return teacher, student, source
+    teacher = model_logits(args.teacher, ids, len(tok))[: args.tokens]
+    return teacher, f"teacher {args.teacher} on {args.data}"
 
 
-def measure(student: torch.Tensor, teacher: torch.Tensor, temperature: float, k: int, divergence: str,
-            dense: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kd loss (T^2 included) and its gradient wrt the student logits, top-k or dense."""
-    s = student[None].clone().requires_grad_(True)  # (1, N, V)
-    labels = torch.zeros(s.shape[:2], dtype=torch.long)  # all positions count; CE is unused
-    if dense:
-        targets = dict(teacher_logits=teacher[None])
-    else:  # what the soft-label cache stores; k = V checks that the sparse path is exact
-        values, indices = teacher.topk(k, dim=-1)
-        targets = dict(topk_indices=indices[None], topk_values=values.half()[None])
-    kd = distillation_loss(s, labels, temperature=temperature, kd_weight=1.0, divergence=divergence, **targets).kd
-    (grad,) = torch.autograd.grad(kd, s)
-    return kd.detach(), grad[0]
+class Student:
+    """A 2-layer GPT-2 (d = 64) + a fixed logit offset; gradients on its parameters."""
+
+    def __init__(self, offset: torch.Tensor, seed: int):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(seed)
+        n, vocab = offset.shape
+        block = 256 if n % 256 == 0 else n
+        cfg = GPT2Config(vocab_size=vocab, n_positions=block, n_embd=64, n_layer=2, n_head=2)
+        self.model = GPT2LMHeadModel(cfg)
+        ids = torch.randint(0, vocab, (n // block, block), generator=torch.Generator().manual_seed(seed))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.logits = self.model(ids).logits.reshape(n, vocab) + offset  # (N, V), keeps the graph
+
+    def grads(self, kd_fn) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(parameter gradient (P,) fp64, logit gradient (N, V), loss) of ``kd_fn(logits)``."""
+        s = self.logits.detach().requires_grad_(True)
+        kd = kd_fn(s)
+        (g_logits,) = torch.autograd.grad(kd, s)
+        g_params = torch.autograd.grad(self.logits, self.params, g_logits, retain_graph=True)
+        return torch.cat([g.flatten().double() for g in g_params]), g_logits, kd.item()
 
 
-def run(teacher: torch.Tensor, student: torch.Tensor, temperatures: list[float], ks: list[int],
-        divergences: list[str]) -> list[dict]:
-    """One row per (divergence, T, k): top-k loss and gradient against the dense ones."""
-    vocab = teacher.shape[-1]
-    # Dense reference with the same fp16 teacher values the cache would hold.
-    teacher = teacher.half().float()
+def bytes_per_token(method: str, vocab: int, k: int, grid: int) -> int:
+    ids = 2 if vocab <= 32768 else 4  # int16 ids while they fit (kd.soft_labels)
+    return {"dense": 2 * vocab, "topk": k * (2 + ids), "compact": k * (2 + ids) + 8 * grid}[method]
+
+
+def measure(teacher: torch.Tensor, temperatures: list[float], ks: list[int], divergences: list[str],
+            grid_points: int, t_range: tuple[float, float], seed: int, source: str) -> list[dict]:
+    """One row per (divergence, T, method, k)."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = teacher.half().float()  # what any cache holds
+    n, vocab = teacher.shape
+    student = Student(perturbed_student(teacher, gen), seed)
+    labels = torch.zeros((1, n), dtype=torch.long)
+    betas = temperature_grid(*t_range, grid_points)
+    packs = {k: compress(teacher, k, betas) for k in ks if k < vocab}
     rows = []
     for div in divergences:
         for t in temperatures:
-            ref_loss, ref_grad = measure(student, teacher, t, vocab, div, dense=True)
-            ref_grad = ref_grad.double()
-            p = F.softmax(teacher / t, dim=-1)
-            for k in ks:
-                loss, grad = measure(student, teacher, t, k, div)
-                grad = grad.double()  # fp64 cosine: fp32 rounding over N * V terms shows at 1e-4
-                mass = p.topk(min(k, vocab), dim=-1).values.sum(-1).mean().item()
-                rows.append({
-                    "divergence": div, "temperature": t, "k": k, "teacher_mass_topk": mass,
-                    "loss_dense": ref_loss.item(), "loss_topk": loss.item(),
-                    "loss_rel_err": (abs(loss - ref_loss) / ref_loss.abs()).item(),
-                    "grad_cosine": F.cosine_similarity(grad.flatten(), ref_grad.flatten(), dim=0).item(),
-                    "grad_rel_l2": ((grad - ref_grad).norm() / ref_grad.norm()).item(),
-                })
+            def kd(s: torch.Tensor, **targets) -> torch.Tensor:
+                return distillation_loss(s[None], labels, temperature=t, kd_weight=1.0, divergence=div,
+                                         check_indices=False, **targets).kd
+
+            ref_p, ref_l, ref_loss = student.grads(lambda s: kd(s, teacher_logits=teacher[None]))
+            on_grid = any(math.isclose(1 / t, b, rel_tol=1e-9) for b in betas)
+            rows.append(_row(source, vocab, div, t, "dense", vocab, grid_points, on_grid, ref_loss, ref_loss,
+                             ref_p, ref_p, ref_l, ref_l, 1.0))
+            for k, (values, idx, lse, slope) in packs.items():
+                mass = F.softmax(teacher / t, -1).gather(-1, idx).sum(-1).mean().item()
+                sparse = dict(topk_indices=idx[None], topk_values=values[None])
+                compact = dict(sparse, topk_tail_lse=lse[None], topk_tail_slope=slope[None], tail_betas=betas)
+                for method, targets in (("topk", sparse), ("compact", compact)):
+                    g_p, g_l, loss = student.grads(lambda s: kd(s, **targets))
+                    rows.append(_row(source, vocab, div, t, method, k, grid_points, on_grid, loss, ref_loss,
+                                     g_p, ref_p, g_l, ref_l, mass))
     return rows
 
 
-def markdown(rows: list[dict], vocab: int) -> str:
-    """The rows as a markdown table (k = V written as ``V=<vocab>``)."""
-    lines = ["| divergence | T | k | teacher mass in top-k | loss (dense) | loss rel. err | grad cosine | grad rel. L2 |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+def _row(source, vocab, div, t, method, k, grid, on_grid, loss, ref_loss, g_p, ref_p, g_l, ref_l, mass) -> dict:
+    g_l, ref_l = g_l.double().flatten(), ref_l.double().flatten()
+    return {
+        "source": source, "vocab": vocab, "divergence": div, "temperature": t, "k": k, "method": method,
+        "bytes_per_token": bytes_per_token(method, vocab, k, grid),
+        "bytes_share": bytes_per_token(method, vocab, k, grid) / (2 * vocab),
+        "grid_points": grid if method == "compact" else 0, "on_grid": on_grid, "teacher_mass_topk": mass,
+        "loss_dense": ref_loss, "loss": loss, "loss_rel_err": abs(loss - ref_loss) / abs(ref_loss),
+        "grad_cos": F.cosine_similarity(g_p, ref_p, dim=0).item(),
+        "logit_grad_cos": F.cosine_similarity(g_l, ref_l, dim=0).item(),
+        "grad_rel_l2": ((g_l - ref_l).norm() / ref_l.norm()).item(),
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| source | V | div | T | on grid | method | k | bytes/token | % of dense | top-k mass | loss rel. err "
+             "| grad_cos (params) | grad_cos (logits) |",
+             "| --- | ---: | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        k = f"V={vocab}" if r["k"] >= vocab else str(r["k"])
-        lines.append(f"| {r['divergence']} | {r['temperature']:g} | {k} | {r['teacher_mass_topk']:.3f} | "
-                     f"{r['loss_dense']:.4g} | {r['loss_rel_err']:.2e} | {r['grad_cosine']:.5f} | "
-                     f"{r['grad_rel_l2']:.2e} |")
+        lines.append(f"| {r['source'].split(' ')[0]} | {r['vocab']} | {r['divergence']} | {r['temperature']:g} | "
+                     f"{'yes' if r['on_grid'] else 'no'} | {r['method']} | {r['k']} | {r['bytes_per_token']} | "
+                     f"{100 * r['bytes_share']:.2f} | {r['teacher_mass_topk']:.3f} | {r['loss_rel_err']:.2e} | "
+                     f"{r['grad_cos']:.5f} | {r['logit_grad_cos']:.5f} |")
     return "\n".join(lines)
 
 
@@ -136,46 +173,49 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", help="save_pretrained directory of a trained teacher (default: synthetic logits)")
     ap.add_argument("--data", help="text for the teacher: .txt or .jsonl with a 'text' field (needs --teacher)")
-    ap.add_argument("--student", help="save_pretrained directory of a student (default: perturbed teacher)")
-    ap.add_argument("--tokens", type=int, default=256, help="token positions to measure")
-    ap.add_argument("--vocab", type=int, default=32000, help="vocabulary size of the synthetic logits")
+    ap.add_argument("--tokens", type=int, default=2048, help="token positions in the batch")
+    ap.add_argument("--vocabs", default="2048,32000,128256", help="synthetic vocabulary sizes")
     ap.add_argument("--block-size", type=int, default=128, help="tokens per block fed to --teacher")
-    ap.add_argument("--temperatures", default="1,2,4,8")
-    ap.add_argument("--ks", default="8,32,128,V", help="comma-separated k values; V = the full vocabulary")
+    ap.add_argument("--temperatures", default="0.5,1,2,4,8")
+    ap.add_argument("--extra-temperatures", default="0.71,1.41,2.83,5.66",
+                    help="more temperatures (between the grid's points by default)")
+    ap.add_argument("--ks", default="16,64,256", help="comma-separated k values")
+    ap.add_argument("--grid", default="0.5,8", help="the compact grid's temperature range t_min,t_max")
+    ap.add_argument("--grid-points", type=int, default=5)
     ap.add_argument("--divergence", default="forward_kl", choices=[*DIVERGENCES, "all"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--quick", action="store_true", help="V = 32000, T in {1, 2, 4, 8}, k = 64: under a minute")
     ap.add_argument("--json", help="write the rows and the setup to this file")
     args = ap.parse_args(argv)
     if bool(args.teacher) != bool(args.data):
         ap.error("--teacher and --data go together (or give neither for synthetic logits)")
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+        args.extra_temperatures = ""
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    gen = torch.Generator().manual_seed(args.seed)
-    if args.teacher:
-        teacher, student, source = real_logits(args, gen)
-    else:
-        teacher = synthetic_teacher(args.tokens, args.vocab, gen)
-        student = perturbed_student(teacher, gen)
-        source = ("SYNTHETIC logits (no --teacher given): power-law teacher p_r ~ r^-a, a ~ U(1.2, 2.0), "
-                  "+ N(0, 0.5^2) jitter; student = 0.8 * teacher + N(0, 1.5^2)")
-    vocab = teacher.shape[-1]
-    ks = sorted({vocab if k.strip().upper() == "V" else min(int(k), vocab) for k in args.ks.split(",")})
-    temperatures = [float(t) for t in args.temperatures.split(",")]
+    temperatures = sorted({float(t) for t in f"{args.temperatures},{args.extra_temperatures}".split(",") if t})
+    ks = [int(k) for k in args.ks.split(",")]
     divergences = list(DIVERGENCES) if args.divergence == "all" else [args.divergence]
-
-    p1 = F.softmax(teacher, -1).max(-1).values.mean().item()
-    agree = (teacher.argmax(-1) == student.argmax(-1)).float().mean().item()
-    print(f"{source}\n{teacher.shape[0]} tokens, V = {vocab}; teacher mean top-1 prob at T=1: {p1:.3f}; "
-          f"student-teacher top-1 agreement: {agree:.2f}; kd_weight = 1 (loss = T^2 * D); "
-          "top-k values in fp16 as cached; dense reference from the same fp16 logits\n")
-    rows = run(teacher, student, temperatures, ks, divergences)
-    print(markdown(rows, vocab))
+    t_range = tuple(float(x) for x in args.grid.split(","))
+    started = time.perf_counter()
+    rows = []
+    if args.teacher:
+        teachers = [real_teacher(args)]
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        teachers = [(synthetic_teacher(args.tokens, int(v), gen), "synthetic") for v in args.vocabs.split(",")]
+    for teacher, source in teachers:
+        rows += measure(teacher, temperatures, ks, divergences, args.grid_points, t_range, args.seed, source)
+    print(f"{len(rows)} rows in {time.perf_counter() - started:.0f} s; grid T in [{t_range[0]:g}, {t_range[1]:g}], "
+          f"{args.grid_points} points; kd_weight = 1 (loss = T^2 * D); {args.tokens} tokens\n")
+    print(markdown(rows))
     if args.json:
-        setup = {"source": source, "tokens": teacher.shape[0], "vocab": vocab, "teacher_top1_prob": p1,
-                 "top1_agreement": agree, "seed": args.seed, "argv": sys.argv[1:]}
-        Path(args.json).write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+        setup = {"tokens": args.tokens, "grid": list(t_range), "grid_points": args.grid_points, "seed": args.seed,
+                 "argv": sys.argv[1:] if argv is None else argv, "source": [s for _, s in teachers]}
+        Path(args.json).write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
         print(f"\nwrote {args.json}")
 
 

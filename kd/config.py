@@ -35,6 +35,7 @@ DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("auto", "true", "false")
 WORLD_SIZES = ("tiny", "small", "default")
 TEACHER_MODES = ("online", "cache")
+SOFT_LABEL_FORMATS = ("auto", "dense", "compact", "topk")
 
 
 @dataclass
@@ -131,6 +132,19 @@ class LossConfig:
     soft_labels_dir: str = ""
     """Where soft-label caches live; empty = ``cache_dir()/soft_labels``. On a cluster, a
     directory every node reads (a sweep uses its output dir there)."""
+    soft_label_format: str = "auto"
+    """What the cache stores per token: ``dense`` (all V logits, 2 V bytes), ``compact``
+    (top-k logits + the tail's log-partition on the temperature grid: exact on k + 1
+    buckets at every T of the grid, :mod:`kd.compact`), ``topk`` (top-k renormalised:
+    exact only at T = 1) or ``auto``: dense up to kd.soft_labels.AUTO_DENSE_MAX_VOCAB
+    (8,192: 16 KB per token) when top_k = 0, else compact."""
+    grid_min_temperature: float = 0.5
+    """Lowest temperature the compact cache serves; a trial's loss.temperature must lie in
+    [grid_min_temperature, grid_max_temperature] (kd.soft_labels.check_temperatures)."""
+    grid_max_temperature: float = 8.0
+    """Highest temperature the compact cache serves."""
+    grid_points: int = 9
+    """Grid points (geometric in 1/T) of the compact cache: 8 bytes per token each."""
 
 
 @dataclass
@@ -473,6 +487,16 @@ def validate(cfg: KDConfig) -> None:
     _check(0.0 <= l.skew_alpha < 1.0, "loss.skew_alpha", l.skew_alpha, "must be in [0, 1)")
     _check(l.top_k >= 0, "loss.top_k", l.top_k, "must be >= 0 (0 = dense online, the default k for the cache)")
     _check_choice("loss.teacher_mode", l.teacher_mode, TEACHER_MODES)
+    _check(l.top_k <= 65536, "loss.top_k", l.top_k, "must be <= 65536")
+    _check_choice("loss.soft_label_format", l.soft_label_format, SOFT_LABEL_FORMATS)
+    _check(l.grid_min_temperature > 0, "loss.grid_min_temperature", l.grid_min_temperature, "must be > 0")
+    _check(l.grid_max_temperature > l.grid_min_temperature, "loss.grid_max_temperature", l.grid_max_temperature,
+           f"must be > loss.grid_min_temperature={l.grid_min_temperature}")
+    _check(2 <= l.grid_points <= 64, "loss.grid_points", l.grid_points, "must be in [2, 64]")
+    if l.teacher_mode == "cache" and l.soft_label_format == "compact":
+        _check(l.grid_min_temperature <= l.temperature <= l.grid_max_temperature, "loss.temperature",
+               l.temperature, f"must be in the compact cache's grid [{l.grid_min_temperature}, "
+               f"{l.grid_max_temperature}] (loss.grid_min_temperature, loss.grid_max_temperature)")
 
     _check_choice("teacher.arch", t.arch, ARCHS)
     for key, v in (("teacher.n_layer", t.n_layer), ("teacher.n_embd", t.n_embd), ("teacher.n_head", t.n_head),

@@ -39,6 +39,13 @@ dense divergence against ``p~`` computed exactly from those k + 1 numbers:
 
 At ``k = V`` the tail is 0 and every sparse value and gradient equals the dense one up
 to float rounding (the teacher's softmax over its k logits is then the full softmax).
+
+With the compact format's ``topk_tail_lse`` (:mod:`kd.compact`: the log-partition of the
+teacher's logits outside the k ids, on a grid of 1/T) the target is instead the *exact*
+tempered teacher on k + 1 buckets (the kept ids and one tail bucket; the student's bucket
+is its mass outside them), and every divergence is the ordinary one between those two
+(k + 1)-bucket distributions. That is a lower bound of the full-vocabulary divergence
+(the shape inside the tail is not supervised): bench/results/soft_labels_compact.md.
 """
 
 from __future__ import annotations
@@ -50,6 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kd.compact import bucket_log_probs, interpolate
+from kd.losses_chunked import chunked_loss, should_chunk
 from kd.losses_fused import FusedForwardKL
 
 IGNORE_INDEX = -100
@@ -75,10 +84,25 @@ class LossParts(NamedTuple):
 def _plog(p: Tensor, log_p: Tensor, log_r: Tensor) -> Tensor:
     """sum p * (log p - log r) over the last dim, with 0 * log 0 = 0.
 
-    The where keeps a -inf log-prob (a masked vocabulary entry) from turning 0 * -inf
-    into NaN; finite-but-underflowed probabilities give 0 without it anyway.
+    A -inf log-prob (a masked vocabulary entry, or an empty tail bucket) has p = 0 and
+    log p - log r = -inf - -inf = NaN. The where goes on the *difference*, before the
+    product: a where on the product would still send 0 * NaN = NaN into p's gradient
+    (the unselected branch is differentiated too); the subtraction's backward only
+    routes the zero it gets.
     """
-    return torch.where(p > 0, p * (log_p - log_r), torch.zeros_like(p)).sum(-1)
+    diff = torch.where(p > 0, log_p - log_r, 0.0)
+    return (p * diff).sum(-1)
+
+
+def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
+    """``logaddexp(a, b)`` whose gradient is 0, not NaN, where both are -inf.
+
+    ``torch.logaddexp(-inf, -inf)`` is -inf with a NaN backward; the inner where feeds it
+    finite stand-ins there and the outer one puts -inf back (with zero gradient).
+    """
+    empty = (a == -math.inf) & (b == -math.inf)
+    out = torch.logaddexp(torch.where(empty, 0.0, a), torch.where(empty, 0.0, b))
+    return torch.where(empty, -math.inf, out)
 
 
 def _tail(tail: Tensor | None, scale: float) -> Tensor | float:
@@ -127,7 +151,7 @@ def jsd(log_p: Tensor, log_q: Tensor, tail: Tensor | None = None, beta: float = 
         (N,) fp32.
     """
     # log m by logsumexp: p and q can both be tiny where exp would underflow.
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    log_m = _logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
     body = beta * _plog(log_p.exp(), log_p, log_m) + (1 - beta) * _plog(log_q.exp(), log_q, log_m)
     return body + _tail(tail, -(1 - beta) * math.log1p(-beta))
 
@@ -146,7 +170,7 @@ def skew_kl(log_p: Tensor, log_q: Tensor, tail: Tensor | None = None, alpha: flo
     """
     if alpha == 0:  # the mixture is q itself (and math.log(0) would raise)
         return forward_kl(log_p, log_q)
-    log_mix = torch.logaddexp(log_p + math.log(alpha), log_q + math.log1p(-alpha))
+    log_mix = _logaddexp(log_p + math.log(alpha), log_q + math.log1p(-alpha))
     return _plog(log_p.exp(), log_p, log_mix)
 
 
@@ -204,7 +228,7 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_IND
     labels = labels.reshape(-1)
     if ignore_index != IGNORE_INDEX:
         labels = torch.where(labels == ignore_index, IGNORE_INDEX, labels)
-    return FusedForwardKL.apply(logits.reshape(-1, logits.shape[-1]), labels, None, None, None, 1.0, 0.0)[1]
+    return FusedForwardKL.apply(logits.reshape(-1, logits.shape[-1]), labels, None, None, None, 1.0, 0.0, None, None)[1]
 
 
 def _check_args(temperature: float, kd_weight: float, divergence: str, jsd_beta: float, skew_alpha: float) -> None:
@@ -220,26 +244,83 @@ def _check_args(temperature: float, kd_weight: float, divergence: str, jsd_beta:
         raise ValueError(f"skew_alpha={skew_alpha!r} is not allowed: must be in [0, 1)")
 
 
+def _student_tail_log_mass(log_q_full: Tensor, idx: Tensor) -> Tensor:
+    """log of the student's mass outside the kept ids (N,), differentiable, -inf when empty.
+
+    By logsumexp over the ids outside S (not log(1 - sum_S q), which cancels when the
+    tail is small); a row with no finite logit outside S gets -inf with a zero gradient.
+    """
+    outside = torch.ones_like(log_q_full, dtype=torch.bool).scatter_(-1, idx, False)
+    masked = log_q_full.masked_fill(~outside, -math.inf)  # (N, V)
+    empty = (masked == -math.inf).all(-1, keepdim=True)
+    lse = torch.logsumexp(torch.where(empty, 0.0, masked), dim=-1)
+    return torch.where(empty.squeeze(-1), -math.inf, lse)
+
+
 def _teacher_student_log_probs(
     student: Tensor,
     temperature: float,
     teacher_logits: Tensor | None,
     topk_indices: Tensor | None,
     topk_values: Tensor | None,
+    tail_lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Tempered log-probs on a common support, for the (N, V) rows already selected.
 
     Returns:
-        log_p (N, S), log_q (N, S) and the student's tail mass (N,) or None when dense.
+        log_p (N, S), log_q (N, S) and the student's tail mass (N,) or None when the
+        support is a whole distribution (dense, or the k + 1 buckets of ``tail_lse``).
     """
     log_q_full = F.log_softmax(student.float() / temperature, dim=-1)  # (N, V)
     if teacher_logits is not None:
         return F.log_softmax(teacher_logits.float() / temperature, dim=-1), log_q_full, None
-    log_p = F.log_softmax(topk_values.float() / temperature, dim=-1)  # (N, k)
     log_q = log_q_full.gather(-1, topk_indices.long())  # (N, k)
+    if tail_lse is not None:  # the exact teacher on k + 1 buckets: a dense divergence on them
+        log_p, log_p_tail = bucket_log_probs(topk_values, tail_lse, temperature)
+        log_q_tail = _student_tail_log_mass(log_q_full, topk_indices.long())
+        return torch.cat([log_p, log_p_tail[:, None]], -1), torch.cat([log_q, log_q_tail[:, None]], -1), None
+    log_p = F.log_softmax(topk_values.float() / temperature, dim=-1)  # (N, k)
     # Student mass off the teacher's kept set; clamp the rounding at k = V (1 - 1.0000001).
     tail = (1.0 - log_q.exp().sum(-1)).clamp(min=0.0)
     return log_p, log_q, tail
+
+
+def _check_targets(student_logits: Tensor, labels: Tensor, teacher_logits: Tensor | None,
+                   topk_indices: Tensor | None, topk_values: Tensor | None, topk_tail_lse: Tensor | None,
+                   kd_weight: float) -> None:
+    if student_logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and labels {tuple(labels.shape)} do not line up: "
+            "expected logits (B, T, V) and labels (B, T)"
+        )
+    if kd_weight == 0:
+        return
+    sparse = topk_indices is not None or topk_values is not None
+    if teacher_logits is None and not sparse:
+        raise ValueError(
+            f"kd_weight={kd_weight} needs teacher targets: pass teacher_logits (B, T, V) or "
+            "topk_indices and topk_values (B, T, k), or set kd_weight=0 for cross-entropy only"
+        )
+    if teacher_logits is not None and sparse:
+        raise ValueError("pass either teacher_logits or topk_indices/topk_values, not both")
+    if teacher_logits is not None:
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(
+                f"teacher_logits {tuple(teacher_logits.shape)} and student_logits "
+                f"{tuple(student_logits.shape)} differ; when only the vocabulary size differs "
+                "(padded embedding rows), cut both to the tokenizer length: logits[..., :len(tokenizer)]"
+            )
+        return
+    if topk_indices is None or topk_values is None:
+        raise ValueError("sparse teacher targets need both topk_indices and topk_values")
+    if topk_indices.shape != topk_values.shape or topk_indices.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"topk_indices {tuple(topk_indices.shape)} and topk_values {tuple(topk_values.shape)} "
+            f"must both be (B, T, k) with (B, T) = {tuple(labels.shape)}"
+        )
+    if topk_tail_lse is not None and topk_tail_lse.shape[:-1] != labels.shape:
+        raise ValueError(f"topk_tail_lse {tuple(topk_tail_lse.shape)} must be (B, T, G) with (B, T) = "
+                         f"{tuple(labels.shape)}")
 
 
 def distillation_loss(
@@ -249,12 +330,16 @@ def distillation_loss(
     teacher_logits: Tensor | None = None,
     topk_indices: Tensor | None = None,
     topk_values: Tensor | None = None,
+    topk_tail_lse: Tensor | None = None,
+    topk_tail_slope: Tensor | None = None,
+    tail_betas: tuple[float, ...] | None = None,
     temperature: float,
     kd_weight: float,
     divergence: str = "forward_kl",
     jsd_beta: float = 0.5,
     skew_alpha: float = 0.1,
     check_indices: bool = True,
+    chunk_tokens: int | None = None,
 ) -> LossParts:
     """``(1 - kd_weight) * CE + kd_weight * T^2 * D(teacher_T, student_T)``, masked means.
 
@@ -266,6 +351,12 @@ def distillation_loss(
         topk_indices: sparse teacher targets, token ids (B, T, k), instead of
             ``teacher_logits``.
         topk_values: the teacher's raw (untempered) logits at those ids (B, T, k), e.g. fp16.
+        topk_tail_lse: the compact format (:mod:`kd.compact`): the log-partition of the
+            teacher's logits outside the k ids at the inverse temperatures ``tail_betas``
+            (B, T, G). With it the teacher is exact on k + 1 buckets; without it, the
+            truncated teacher (renormalised over its k logits).
+        topk_tail_slope: its slopes (B, T, G), to interpolate between grid points.
+        tail_betas: the grid's inverse temperatures (G,), ascending.
         temperature: T > 0, applied to teacher and student alike.
         kd_weight: in [0, 1]; 0 never reads the teacher tensors (they may be None).
         divergence: one of :data:`DIVERGENCES`.
@@ -273,6 +364,10 @@ def distillation_loss(
         skew_alpha: teacher weight in the skew-KL mixture, in [0, 1).
         check_indices: check that ``topk_indices`` lie in [0, V) (a host sync); callers
             that checked their soft labels once pass False.
+        chunk_tokens: compute in chunks of this many tokens, forward and backward
+            (:mod:`kd.losses_chunked`: memory bounded by the chunk); None = automatic
+            (chunks once B * T * V passes :data:`kd.losses_chunked.AUTO_CHUNK_ELEMENTS`),
+            0 = never.
 
     Returns:
         :class:`LossParts` ``(loss, ce, kd)`` of fp32 scalars; ``kd`` includes ``T^2``
@@ -280,76 +375,75 @@ def distillation_loss(
         finite (zero) gradients.
 
     Raises:
-        ValueError: a knob out of range, teacher targets missing or given twice, or
-            shapes that do not line up (different vocabularies, token ids past V).
+        ValueError: a knob out of range, teacher targets missing or given twice, a
+            temperature outside the compact grid, or shapes that do not line up
+            (different vocabularies, token ids past V).
     """
     _check_args(temperature, kd_weight, divergence, jsd_beta, skew_alpha)
-    if student_logits.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"student_logits {tuple(student_logits.shape)} and labels {tuple(labels.shape)} do not line up: "
-            "expected logits (B, T, V) and labels (B, T)"
-        )
-    if kd_weight == 0:  # cross-entropy only: the teacher tensors are never read
-        return LossParts(*FusedForwardKL.apply(student_logits.reshape(-1, student_logits.shape[-1]),
-                                               labels.reshape(-1), None, None, None, temperature, 0.0))
-
-    sparse = topk_indices is not None or topk_values is not None
-    if teacher_logits is None and not sparse:
-        raise ValueError(
-            f"kd_weight={kd_weight} needs teacher targets: pass teacher_logits (B, T, V) or "
-            "topk_indices and topk_values (B, T, k), or set kd_weight=0 for cross-entropy only"
-        )
-    if teacher_logits is not None and sparse:
-        raise ValueError("pass either teacher_logits or topk_indices/topk_values, not both")
+    _check_targets(student_logits, labels, teacher_logits, topk_indices, topk_values, topk_tail_lse, kd_weight)
     vocab = student_logits.shape[-1]
-    if teacher_logits is not None:
-        if teacher_logits.shape != student_logits.shape:
-            raise ValueError(
-                f"teacher_logits {tuple(teacher_logits.shape)} and student_logits "
-                f"{tuple(student_logits.shape)} differ; when only the vocabulary size differs "
-                "(padded embedding rows), cut both to the tokenizer length: logits[..., :len(tokenizer)]"
-            )
-    else:
-        if topk_indices is None or topk_values is None:
-            raise ValueError("sparse teacher targets need both topk_indices and topk_values")
-        if topk_indices.shape != topk_values.shape or topk_indices.shape[:-1] != labels.shape:
-            raise ValueError(
-                f"topk_indices {tuple(topk_indices.shape)} and topk_values {tuple(topk_values.shape)} "
-                f"must both be (B, T, k) with (B, T) = {tuple(labels.shape)}"
-            )
-    # (N, V) rows with N = B * T; masked rows stay in and are zeroed by weights below.
+    n = labels.numel()
+    student = student_logits.reshape(n, vocab)
     labels = labels.reshape(-1)
-    keep = labels != IGNORE_INDEX
-    student = student_logits.reshape(-1, vocab)
-    teacher = None if teacher_logits is None else teacher_logits.reshape(-1, vocab)
-    idx = val = None
-    if topk_indices is not None:
-        # A masked row's ids may be anything: point them at token 0 so gather stays in range.
-        idx = torch.where(keep.unsqueeze(-1), topk_indices.reshape(labels.shape[0], -1).long(), 0)
-        val = topk_values.reshape(labels.shape[0], -1)
-        if check_indices:
-            # A host sync buys a readable error instead of a CUDA device-side assert; the
-            # training loop checks its soft labels once instead (check_indices=False).
-            lo, hi = torch.stack(torch.aminmax(idx)).tolist() if idx.numel() else (0, 0)
-            if lo < 0 or hi >= vocab:
-                raise ValueError(
-                    f"topk_indices hold token ids in [{lo}, {hi}] but the student has "
-                    f"{vocab} logits: teacher and student must share a tokenizer; cut the student's logits "
-                    "to the tokenizer length (logits[..., :len(tokenizer)]) and rebuild the soft labels with it"
-                )
-    if divergence == "forward_kl":  # Hinton's loss, the default: one fused node (kd.losses_fused)
-        return LossParts(*FusedForwardKL.apply(student, labels, teacher, idx, val, temperature, kd_weight))
+    teacher = idx = val = tail = None
+    if kd_weight > 0:
+        keep = labels != IGNORE_INDEX
+        teacher = None if teacher_logits is None else teacher_logits.reshape(n, vocab)
+        if topk_indices is not None:
+            # A masked row's ids may be anything: point them at token 0 so gather stays in range.
+            idx = torch.where(keep.unsqueeze(-1), topk_indices.reshape(n, -1).long(), 0)
+            val = topk_values.reshape(n, -1)
+            if check_indices:
+                _check_ids(idx, vocab)
+        if topk_tail_lse is not None and idx is not None:
+            if tail_betas is None:
+                raise ValueError("topk_tail_lse needs tail_betas, the grid's inverse temperatures")
+            slope = None if topk_tail_slope is None else topk_tail_slope.reshape(n, -1)
+            tail = interpolate(topk_tail_lse.reshape(n, -1), slope, tuple(tail_betas), 1.0 / temperature)
+            tail = torch.where(keep, tail, 0.0)  # masked rows may hold anything
 
-    count = keep.sum().clamp(min=1)
-    ce = cross_entropy(student, labels)
+    args = (temperature, kd_weight, divergence, jsd_beta, skew_alpha)
+    if should_chunk(chunk_tokens, n, vocab):
+        return chunked_loss(student, labels, teacher, idx, val, tail, args, chunk_tokens)
+    return loss_rows(student, labels, teacher, idx, val, tail, *args)
+
+
+def _check_ids(idx: Tensor, vocab: int) -> None:
+    # A host sync buys a readable error instead of a CUDA device-side assert; the
+    # training loop checks its soft labels once instead (check_indices=False).
+    lo, hi = torch.stack(torch.aminmax(idx)).tolist() if idx.numel() else (0, 0)
+    if lo < 0 or hi >= vocab:
+        raise ValueError(
+            f"topk_indices hold token ids in [{lo}, {hi}] but the student has "
+            f"{vocab} logits: teacher and student must share a tokenizer; cut the student's logits "
+            "to the tokenizer length (logits[..., :len(tokenizer)]) and rebuild the soft labels with it"
+        )
+
+
+def loss_rows(student: Tensor, labels: Tensor, teacher: Tensor | None, idx: Tensor | None, val: Tensor | None,
+              tail: Tensor | None, temperature: float, kd_weight: float, divergence: str, jsd_beta: float,
+              skew_alpha: float, count: Tensor | None = None) -> LossParts:
+    """The loss on (N, V) rows whose targets are checked: teacher (N, V) or idx/val (N, k)
+    (+ tail (N,), B(1/T)); masked rows (label -100) stay in and are zeroed by weights.
+    ``count`` divides the sums (default: this batch's unmasked rows; a chunk passes the
+    whole batch's)."""
+    if count is None:
+        count = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    if kd_weight == 0:  # cross-entropy only: the teacher tensors are never read
+        return LossParts(*FusedForwardKL.apply(student, labels, None, None, None, temperature, 0.0, None, count))
+    if divergence == "forward_kl":  # Hinton's loss, the default: one fused node (kd.losses_fused)
+        return LossParts(*FusedForwardKL.apply(student, labels, teacher, idx, val, temperature, kd_weight, tail,
+                                               count))
+    keep = labels != IGNORE_INDEX
+    ce = FusedForwardKL.apply(student, labels, None, None, None, 1.0, 0.0, None, count)[1]
     # Masked rows may hold anything (padding, inf): replace them by zeros before the (N, V)
     # math, so neither the value nor a gradient (0 * NaN in a softmax backward) sees them.
     rows = keep.unsqueeze(-1)
     student = torch.where(rows, student, 0.0)
     teacher = None if teacher is None else torch.where(rows, teacher, 0.0)
     val = None if val is None else torch.where(rows, val, 0.0)
-    log_p, log_q, tail = _teacher_student_log_probs(student, temperature, teacher, idx, val)
-    per_token = divergence_per_token(divergence, log_p, log_q, tail, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+    log_p, log_q, tail_q = _teacher_student_log_probs(student, temperature, teacher, idx, val, tail)
+    per_token = divergence_per_token(divergence, log_p, log_q, tail_q, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
     # The T^2 of the method: undo the 1/T^2 the tempered softmax puts on the gradients.
     kd = temperature**2 * torch.where(keep, per_token, 0.0).sum() / count
     if kd_weight == 1:

@@ -17,14 +17,24 @@ holds (padding, inf) changes neither the value nor the gradients.
 
 Teacher targets are dense logits (N, V) or top-k raw logits (N, k) at ids (N, k): the
 truncated teacher of :mod:`kd.losses` (softmax over its k kept logits, 0 elsewhere), so
-the sparse gradient is the dense one with p_T scattered onto the k ids. Values and
-gradients equal :func:`kd.losses.distillation_loss`'s reference path (tests/test_losses.py).
+the sparse gradient is the dense one with p_T scattered onto the k ids. With the compact
+format's ``tail_lse`` (N,) (:mod:`kd.compact`: the log-partition of the teacher's logits
+outside the kept ids at this temperature) the teacher is instead the exact tempered
+distribution on k + 1 buckets, the student's bucket being its mass outside the ids:
+
+    KL = sum_S p_i log(p_i / q_i) + p_tail log(p_tail / q_tail)
+    d(T^2 KL)/ds_j = T (q_j - p_j) on S,   T q_j (1 - p_tail / q_tail) off S
+
+Values and gradients equal :func:`kd.losses.distillation_loss`'s reference path
+(tests/test_losses.py, tests/test_compact.py).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from kd.compact import bucket_log_probs
 
 
 def _kl_rows(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
@@ -46,42 +56,58 @@ class FusedForwardKL(torch.autograd.Function):
 
     Inputs: student logits (N, V) any float dtype; labels (N,) int64 with ``-100`` masked;
     the teacher as dense logits (N, V) or as ``idx``/``val`` (N, k); ``temperature`` T > 0;
-    ``kd_weight`` a in [0, 1] (0: CE only, the teacher is never read). Outputs are fp32
+    ``kd_weight`` a in [0, 1] (0: CE only, the teacher is never read); ``tail_lse`` (N,)
+    for the compact format's k + 1 buckets, or None; ``count`` the divisor of the sums
+    (None: this call's unmasked rows). Outputs are fp32
     scalars; the gradient flows to the student logits only (the teacher is a target).
     """
 
     @staticmethod
     def forward(ctx, student: Tensor, labels: Tensor, teacher: Tensor | None, idx: Tensor | None,
-                val: Tensor | None, temperature: float, kd_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+                val: Tensor | None, temperature: float, kd_weight: float,
+                tail_lse: Tensor | None = None, count: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         keep = labels != -100  # (N,)
-        count = keep.sum().clamp(min=1).to(torch.float32)
+        # A chunk of a batch (kd.losses_chunked) divides by the whole batch's count.
+        count = (keep.sum().clamp(min=1) if count is None else count).to(torch.float32)
         safe_labels = torch.where(keep, labels, 0).unsqueeze(-1)  # (N, 1): gather needs a valid id
         s = student.float()
         log_q = torch.log_softmax(s, dim=-1)  # (N, V)
         ce = torch.where(keep, -log_q.gather(-1, safe_labels).squeeze(-1), 0.0).sum() / count
         kd = torch.zeros((), dtype=torch.float32, device=s.device)
-        q_t = p = None
+        q_t = p = ratio = None
         if kd_weight > 0:
             T = temperature
             log_q_t = log_q if T == 1.0 else torch.log_softmax(s / T, dim=-1)
             if teacher is not None:
                 log_p = torch.log_softmax(teacher.to(torch.float32, copy=True).div_(T), dim=-1)  # (N, V)
                 kd_rows, p = _kl_rows(log_p, log_q_t)
-            else:  # the truncated teacher on its k kept ids
+            elif tail_lse is None:  # the truncated teacher on its k kept ids
                 log_p = torch.log_softmax(val.to(torch.float32, copy=True).div_(T), dim=-1)  # (N, k)
                 kd_rows, p = _kl_rows(log_p, log_q_t.gather(-1, idx))
-            kd = T * T * torch.where(keep, kd_rows, 0.0).sum() / count
+            else:  # the exact teacher on k + 1 buckets
+                log_p, log_p_tail = bucket_log_probs(val, tail_lse, T)  # (N, k), (N,)
+                kd_rows, p = _kl_rows(log_p, log_q_t.gather(-1, idx))
             q_t = log_q_t.exp() if T == 1.0 else log_q_t.exp_()  # T = 1: log_q is needed below
+            if tail_lse is not None:
+                # The student's tail mass summed directly over the ids outside S (zero S in
+                # place, sum, put S back): 1 - sum_S q would lose it to cancellation when small.
+                q_s = q_t.gather(-1, idx)
+                q_tail = q_t.scatter_(-1, idx, 0.0).sum(-1).clamp_(min=torch.finfo(torch.float32).tiny)
+                q_t.scatter_(-1, idx, q_s)
+                p_tail = log_p_tail.exp()
+                kd_rows = kd_rows + torch.where(p_tail > 0, p_tail * (log_p_tail - q_tail.log()), 0.0)
+                ratio = (p_tail / q_tail).unsqueeze(-1)  # (N, 1): the tail's gradient weight
+            kd = T * T * torch.where(keep, kd_rows, 0.0).sum() / count
         q = log_q.exp_()
         # Three distinct outputs (an autograd Function may not return one tensor twice).
         loss = ce.clone() if kd_weight == 0 else kd.clone() if kd_weight == 1 else (1 - kd_weight) * ce + kd_weight * kd
-        ctx.save_for_backward(q, q_t, p, safe_labels, keep, count, idx)
+        ctx.save_for_backward(q, q_t, p, safe_labels, keep, count, idx, ratio)
         ctx.temperature, ctx.kd_weight, ctx.student_dtype = temperature, kd_weight, student.dtype
         return loss, ce, kd
 
     @staticmethod
     def backward(ctx, g_loss: Tensor, g_ce: Tensor, g_kd: Tensor):
-        q, q_t, p, safe_labels, keep, count, idx = ctx.saved_tensors
+        q, q_t, p, safe_labels, keep, count, idx, ratio = ctx.saved_tensors
         a, T = ctx.kd_weight, ctx.temperature
         # Each output's weight on the CE and KD parts; unused outputs arrive as zeros.
         w_ce = ((1 - a) * g_loss + g_ce) / count
@@ -89,10 +115,14 @@ class FusedForwardKL(torch.autograd.Function):
         grad.scatter_add_(-1, safe_labels, (-w_ce).expand(safe_labels.shape).contiguous())
         if q_t is not None:
             w_kd = (a * g_loss + g_kd) * T / count  # d(T^2 KL)/ds = T (q_T - p_T)
-            grad.addcmul_(q_t, w_kd)
-            if idx is None:
-                grad.addcmul_(p, -w_kd)
+            if ratio is not None:  # buckets: T q (1 - r) everywhere, then T (q r - p) on S
+                grad.addcmul_(q_t, w_kd * (1 - ratio))
+                grad.scatter_add_(-1, idx, (q_t.gather(-1, idx) * ratio - p) * w_kd)
             else:
-                grad.scatter_add_(-1, idx, p * -w_kd)
+                grad.addcmul_(q_t, w_kd)
+                if idx is None:
+                    grad.addcmul_(p, -w_kd)
+                else:
+                    grad.scatter_add_(-1, idx, p * -w_kd)
         grad.masked_fill_(~keep.unsqueeze(-1), 0.0)  # masked rows: whatever they held, no gradient
-        return grad.to(ctx.student_dtype), None, None, None, None, None, None
+        return grad.to(ctx.student_dtype), None, None, None, None, None, None, None, None

@@ -2,9 +2,13 @@
 
 Every trial of a sweep distils from the same teacher on the same blocks, so its outputs
 are computed once (DESIGN.md) and a trial reads them instead of running the teacher. The
-cache keeps, per training block and position, the teacher's *raw* logits in fp16: all V
-of them by default (``loss.top_k = 0``: exact at every temperature), or the k largest and
-their token ids (int16 when the vocabulary fits, else int32). The temperature is applied
+cache keeps, per training block and position, the teacher's *raw* logits in fp16, in one
+of three layouts (``loss.soft_label_format``; :func:`resolve_format`): all V of them
+(``dense``, exact at every temperature; the default up to V = 8,192), ``compact`` (the k
+largest + their ids + the tail's log-partition on a grid of 1/T, :mod:`kd.compact`:
+exact on k + 1 buckets at every T of the grid; the default above), or ``topk`` (the k
+largest renormalised: exact only at T = 1). Ids are int16 when the vocabulary fits,
+else int32. The temperature is applied
 at training time (:func:`kd.losses.distillation_loss` takes them as ``teacher_logits``,
 or ``topk_values``/``topk_indices``), so one cache serves a whole temperature sweep.
 
@@ -45,10 +49,21 @@ import numpy as np
 import torch
 from safetensors.numpy import save as save_numpy
 
-from kd.config import KDConfig, fingerprint
+from kd.cache import publish_dir as _publish
+from kd.cache import sha256_file as _sha256_file
+from kd.cache import write_atomic as _write_atomic
+from kd.compact import compress, temperature_grid
+from kd.config import ConfigError, KDConfig, fingerprint
 from kd.paths import cache_dir
 
 FORMAT = 1
+#: ``loss.soft_label_format=auto`` stores every logit up to this vocabulary (2 bytes x V:
+#: 16 KB per token, the world's 2,048 is 4 KB) and the compact format above it (at
+#: V = 32,000, k = 64: 328 bytes, 0.5% of dense).
+AUTO_DENSE_MAX_VOCAB = 8192
+#: k of the compact (and top-k) format when loss.top_k = 0.
+DEFAULT_K = 64
+TAIL_FIELDS = ("tail_lse", "tail_slope")
 MANIFEST = "manifest.json"
 #: Blocks per shard file: ~17 MB at k=128, 128-token blocks (shards checksum and load
 #: one at a time; many tiny files would cost more in opens than they save).
@@ -65,14 +80,6 @@ class SoftLabelsError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- keys
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_fingerprint(source: str) -> str:
@@ -111,20 +118,63 @@ def weights_fingerprint(source: str) -> str:
     return fingerprint({"weights": parts})
 
 
+def resolve_format(cfg: KDConfig, n_vocab: int) -> tuple[str, int]:
+    """``(format, k)`` the cache stores for ``cfg`` and a vocabulary of ``n_vocab``.
+
+    ``auto``: dense while top_k = 0 and V <= :data:`AUTO_DENSE_MAX_VOCAB`, else compact.
+    A k at or above V is dense whatever the format (every logit is kept).
+    """
+    fmt, k = cfg.loss.soft_label_format, cfg.loss.top_k
+    if fmt == "auto":
+        fmt = "dense" if k == 0 and n_vocab <= AUTO_DENSE_MAX_VOCAB else "compact"
+    if fmt == "dense":
+        return "dense", n_vocab
+    k = min(k or DEFAULT_K, n_vocab)
+    return ("dense", n_vocab) if k >= n_vocab else (fmt, k)
+
+
+def grid_betas(cfg: KDConfig) -> tuple[float, ...]:
+    """The compact format's inverse temperatures, from loss.grid_*."""
+    return temperature_grid(cfg.loss.grid_min_temperature, cfg.loss.grid_max_temperature, cfg.loss.grid_points)
+
+
+def check_temperatures(cfg: KDConfig, low: float, high: float, n_vocab: int | None = None) -> None:
+    """Refuse (one-line :class:`ConfigError`) a temperature range the cache cannot serve.
+
+    For a sweep: ``low``/``high`` are the smallest and largest ``loss.temperature`` its
+    trials may take. Only the compact format is limited (to its grid); dense and top-k
+    caches take any T. With ``n_vocab`` unknown, ``auto`` is checked as if compact.
+    """
+    if cfg.loss.teacher_mode != "cache" or cfg.loss.kd_weight == 0:
+        return
+    fmt = resolve_format(cfg, n_vocab)[0] if n_vocab else cfg.loss.soft_label_format
+    if fmt not in ("compact", "auto"):
+        return
+    lo, hi = cfg.loss.grid_min_temperature, cfg.loss.grid_max_temperature
+    if not (lo <= low <= high <= hi):
+        raise ConfigError(f"loss.temperature range [{low:g}, {high:g}] is not allowed: the compact soft-label "
+                          f"cache serves T in [{lo:g}, {hi:g}]; widen loss.grid_min_temperature/"
+                          "loss.grid_max_temperature or narrow the sweep")
+
+
 def cache_key(cfg: KDConfig, teacher_source: str, tokenizer: Any) -> dict[str, Any]:
-    """Everything the cached top-k logits depend on (the fingerprint hashes this)."""
+    """Everything the cached logits depend on (the fingerprint hashes this)."""
     from kd.data import blocks_fingerprint, tokenizer_fingerprint
 
     n_vocab = len(tokenizer)
-    return {
+    fmt, k = resolve_format(cfg, n_vocab)
+    key = {
         "format": FORMAT,
         "teacher": weights_fingerprint(teacher_source),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "blocks": blocks_fingerprint(cfg.data, tokenizer),
         "block_size": cfg.data.block_size,
-        "k": min(cfg.loss.top_k or n_vocab, n_vocab),  # k = V: dense
+        "k": k,  # k = V: dense
         "precision": cfg.train.precision,
     }
+    if fmt == "compact":  # the grid, not the temperature: one cache serves a sweep's range
+        key.update(layout="compact", betas=list(grid_betas(cfg)))
+    return key
 
 
 def cache_root(cfg: KDConfig) -> Path:
@@ -160,7 +210,8 @@ class TopKTeacher:
     """
 
     def __init__(self, teacher_source: str, blocks: Any, n_vocab: int, k: int, precision: str = "auto",
-                 threads: int = 0, device: str = "auto", trust_remote_code: bool = False):
+                 threads: int = 0, device: str = "auto", trust_remote_code: bool = False,
+                 betas: tuple[float, ...] | None = None):
         from kd.device import pick_device, use_threads
         from kd.models import load_pretrained
 
@@ -170,6 +221,7 @@ class TopKTeacher:
             blocks = ray.get(blocks)
         use_threads(threads)
         self.blocks, self.n_vocab, self.k, self.precision = blocks, n_vocab, k, precision
+        self.betas = tuple(betas) if betas else None  # compact: the tail's grid
         self.device = pick_device(device)
         model, _ = load_pretrained(teacher_source, trust_remote_code=trust_remote_code)
         # Frozen: eval() so the targets are deterministic (no dropout), no_grad in __call__.
@@ -182,7 +234,7 @@ class TopKTeacher:
         from kd.models import logits_for
 
         ids = np.asarray(batch["data"], dtype=np.int64)
-        out_i, out_v = [], []
+        out_i, out_v, out_t = [], [], {name: [] for name in TAIL_FIELDS}
         for start in range(0, len(ids), MICRO_BATCH):
             x = self.blocks[torch.from_numpy(ids[start:start + MICRO_BATCH])][:, :-1].to(self.device)
             with autocast_for(self.device, self.precision):
@@ -190,12 +242,22 @@ class TopKTeacher:
             if self.k >= self.n_vocab:  # dense: every logit in vocabulary order, no ids needed
                 out_v.append(logits.half().cpu().numpy())
                 continue
-            values, indices = logits.topk(self.k, dim=-1)  # (b, T, k), raw logits: T is applied later
+            if self.betas:  # compact: + the tail's log-partition on the grid (of the fp16 logits)
+                b, t, v = logits.shape
+                values, indices, lse, slope = compress(logits.reshape(b * t, v), self.k, self.betas)
+                values, indices = values.reshape(b, t, -1), indices.reshape(b, t, -1)
+                out_t["tail_lse"].append(lse.reshape(b, t, -1).cpu().numpy())
+                out_t["tail_slope"].append(slope.reshape(b, t, -1).cpu().numpy())
+            else:
+                values, indices = logits.topk(self.k, dim=-1)  # (b, T, k), raw logits: T is applied later
             out_i.append(indices.cpu().numpy().astype(self.index_dtype))
             out_v.append(values.half().cpu().numpy())
         out = {"block_index": ids, "topk_values": np.concatenate(out_v)}
         if out_i:
             out["topk_indices"] = np.concatenate(out_i)
+        for name, parts in out_t.items():
+            if parts:
+                out[name] = np.concatenate(parts)
         return out
 
 
@@ -237,13 +299,6 @@ def build_with_ray(teacher_args: dict[str, Any], n_blocks: int, batch_size: int 
 # ------------------------------------------------------------------------ writing
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def write_cache(path: Path, key: dict[str, Any], batches: Iterable[dict[str, np.ndarray]], *, n_blocks: int,
                 n_vocab: int, extra: dict[str, Any] | None = None) -> Path:
     """Write teacher batches as shards + manifest into a temp dir, then rename it to ``path``.
@@ -268,7 +323,7 @@ def write_cache(path: Path, key: dict[str, Any], batches: Iterable[dict[str, np.
         if not pending:
             return
         tensors = {name: np.ascontiguousarray(np.concatenate([b[name] for b in pending]))
-                   for name in ("block_index", "topk_indices", "topk_values") if name in pending[0]}
+                   for name in ("block_index", "topk_indices", "topk_values", *TAIL_FIELDS) if name in pending[0]}
         pending.clear()
         data = save_numpy(tensors, metadata={"fingerprint": path.name})
         name = f"shard-{len(shards):05d}.safetensors"
@@ -295,6 +350,7 @@ def write_cache(path: Path, key: dict[str, Any], batches: Iterable[dict[str, np.
             "positions": shape[0], "k": shape[1], "vocab": n_vocab, "dense": shape[1] >= n_vocab,
             "index_dtype": None if shape[1] >= n_vocab else str(_index_dtype(n_vocab)), "value_dtype": "float16",
             "shape": [n_blocks, *shape], "shards": shards, "created": time.time(),
+            "layout": key.get("layout", "dense" if shape[1] >= n_vocab else "topk"), "betas": key.get("betas"),
             "build_s": round(time.time() - started, 3), **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -302,20 +358,6 @@ def write_cache(path: Path, key: dict[str, Any], batches: Iterable[dict[str, np.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    if path.exists():  # a bad cache (else we would not be building): move it aside atomically
-        trash = path.parent / f".bad-{path.name}-{os.getpid()}-{time.time_ns()}"
-        try:
-            os.replace(path, trash)
-        except OSError:  # another process moved or replaced it first
-            pass
-        shutil.rmtree(trash, ignore_errors=True)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process published first: theirs is as good as ours
-        pass
 
 
 # ------------------------------------------------------------------------ reading
@@ -368,6 +410,11 @@ class SoftLabels:
     """(N,) the block's row in that shard."""
 
     @property
+    def compact(self) -> bool:
+        """Top-k + the tail's log-partition grid (:mod:`kd.compact`)."""
+        return self.manifest.get("layout") == "compact"
+
+    @property
     def dense(self) -> bool:
         """All V logits in vocabulary order (k = V), so no ids are stored."""
         return bool(self.manifest["dense"])
@@ -387,6 +434,19 @@ class SoftLabels:
                 indices[at] = self.shards[shard]["topk_indices"][rows]
         return values, indices
 
+    def lookup_tail(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(tail_lse, tail_slope)`` (b, T, G) fp32 for block ids (b,); compact caches only."""
+        ids = np.asarray(ids, dtype=np.int64)
+        _, t, _ = self.manifest["shape"]
+        out = tuple(np.empty((len(ids), t, len(self.manifest["betas"])), dtype=np.float32) for _ in TAIL_FIELDS)
+        which = self.shard_of[ids]
+        for shard in np.unique(which):
+            at = np.flatnonzero(which == shard)
+            rows = self.row_of[ids[at]]
+            for name, arr in zip(TAIL_FIELDS, out):
+                arr[at] = self.shards[shard][name][rows]
+        return out
+
     @property
     def values(self) -> torch.Tensor:
         """Every block's values (N, T, k) in memory: for inspection and tests, not trials."""
@@ -403,11 +463,18 @@ class SoftLabels:
 
         def fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             dev = device or batch["input_ids"].device
-            values, indices = self.lookup(batch["block_index"].cpu().numpy())
+            ids = batch["block_index"].cpu().numpy()
+            values, indices = self.lookup(ids)
             if indices is None:  # dense: the exact loss of the online teacher (fp16 logits)
                 return {"teacher_logits": torch.from_numpy(values).to(dev, non_blocking=True)}
-            return {"topk_indices": torch.from_numpy(indices).to(dev, non_blocking=True),
-                    "topk_values": torch.from_numpy(values).to(dev, non_blocking=True)}
+            out = {"topk_indices": torch.from_numpy(indices).to(dev, non_blocking=True),
+                   "topk_values": torch.from_numpy(values).to(dev, non_blocking=True)}
+            if self.compact:  # the exact teacher on k + 1 buckets at any T of the grid
+                lse, slope = self.lookup_tail(ids)
+                out.update(topk_tail_lse=torch.from_numpy(lse).to(dev, non_blocking=True),
+                           topk_tail_slope=torch.from_numpy(slope).to(dev, non_blocking=True),
+                           tail_betas=tuple(self.manifest["betas"]))
+            return out
 
         return fn
 
@@ -468,7 +535,10 @@ def load_soft_labels(path: str | os.PathLike, key: dict[str, Any]) -> SoftLabels
         ids = np.asarray(tensors.get("block_index", np.empty(0, dtype=np.int64)))
         bad_ids = len(ids) == 0 or ids.min() < 0 or ids.max() >= n
         if bad_ids or tensors["topk_values"].shape != (len(ids), t, k) or (shard_of[ids] >= 0).any() \
-                or (not manifest["dense"] and tensors.get("topk_indices", np.empty(0)).shape != (len(ids), t, k)):
+                or (not manifest["dense"] and tensors.get("topk_indices", np.empty(0)).shape != (len(ids), t, k)) \
+                or (manifest.get("layout") == "compact" and any(
+                    tensors.get(name, np.empty(0)).shape != (len(ids), t, len(manifest.get("betas") or []))
+                    for name in TAIL_FIELDS)):
             raise _fail(path, f"shard {shard['file']} does not match the manifest")
         shard_of[ids] = number
         row_of[ids] = np.arange(len(ids))
@@ -499,6 +569,7 @@ def ensure_soft_labels(
             CPUs: its actors would wait for them forever.
         on_bad: ``rebuild`` a missing or bad cache, or ``raise`` :class:`SoftLabelsError`.
     """
+    check_temperatures(cfg, cfg.loss.temperature, cfg.loss.temperature, len(tokenizer))
     key = cache_key(cfg, teacher_source, tokenizer)
     path = cache_path(cfg, key)
     if path.exists():
@@ -512,9 +583,9 @@ def ensure_soft_labels(
         raise _fail(path, "not built yet")
     args = dict(teacher_source=teacher_source, blocks=train_blocks, n_vocab=len(tokenizer), k=key["k"],
                 precision=cfg.train.precision, threads=cfg.train.threads, device=cfg.train.device,
-                trust_remote_code=cfg.teacher.trust_remote_code)
+                trust_remote_code=cfg.teacher.trust_remote_code, betas=key.get("betas"))
     if progress:
-        print(f"soft labels: teacher top-{key['k']} logits for {len(train_blocks)} blocks ({backend}) -> {path}",
+        print(f"soft labels: teacher {key.get('layout', 'top')}-{key['k']} logits for {len(train_blocks)} blocks ({backend}) -> {path}",
               flush=True)
     build = build_with_ray if backend == "ray" else build_local
     write_cache(path, key, build(args, len(train_blocks)), n_blocks=len(train_blocks), n_vocab=len(tokenizer),

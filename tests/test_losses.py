@@ -364,19 +364,23 @@ def test_low_precision_inputs_give_fp32_results(dtype, sparse):
         torch.testing.assert_close(a, b)
 
 
-def test_topk_bench_runs_and_is_exact_at_full_vocabulary(tmp_path, capsys):
+def test_topk_bench_writes_the_rows_and_compact_is_exact_at_k_plus_one_buckets(tmp_path, capsys):
     path = Path(__file__).resolve().parents[1] / "bench" / "topk_exactness.py"
     spec = importlib.util.spec_from_file_location("topk_exactness", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "topk.json"
-    bench.main(["--tokens", "6", "--vocab", "64", "--ks", "4,V", "--temperatures", "1,4",
-                "--divergence", "all", "--json", str(out)])
-    assert "SYNTHETIC" in capsys.readouterr().out
+    bench.main(["--tokens", "16", "--vocabs", "64", "--ks", "4,63", "--temperatures", "1,4",
+                "--extra-temperatures", "2.5", "--json", str(out)])
+    assert "dense" in capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == len(DIVERGENCES) * 2 * 2
+    assert len(rows) == 3 * (1 + 2 * 2)  # per T: dense + (topk, compact) x 2 k
+    keys = {"vocab", "temperature", "k", "method", "bytes_per_token", "loss_rel_err", "grad_cos"}
+    assert all(keys <= set(r) for r in rows)
     for r in rows:
-        if r["k"] == 64:
-            assert r["loss_rel_err"] < 1e-5 and r["grad_rel_l2"] < 1e-5 and r["teacher_mass_topk"] == 1.0
-        else:
-            assert r["teacher_mass_topk"] < 1.0 and r["grad_rel_l2"] > 1e-3
+        if r["method"] == "dense":
+            assert r["loss_rel_err"] == 0 and r["grad_cos"] > 1 - 1e-9 and r["bytes_per_token"] == 128
+        elif r["method"] == "compact" and r["k"] == 63 and r["on_grid"]:  # one tail token: bucket = dense
+            assert r["loss_rel_err"] < 1e-5 and r["grad_cos"] > 1 - 1e-6, r
+        elif r["method"] == "topk" and r["temperature"] == 4:
+            assert r["loss_rel_err"] > 1e-3

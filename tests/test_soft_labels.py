@@ -30,7 +30,7 @@ K = 16
 
 def _cfg(tiny: dict, tmp: Path | None = None, **extra):
     over = {**tiny, "train.precision": "fp32", "train.device": "cpu", "loss.teacher_mode": "cache",
-            "loss.top_k": K, **extra}
+            "loss.top_k": K, "loss.soft_label_format": "topk", **extra}
     if tmp is not None:
         over["loss.soft_labels_dir"] = str(tmp)
     return load_config(overrides=over)
@@ -94,7 +94,8 @@ def test_dense_cache_gives_the_dense_loss(world, tmp_path, top_k):
     """The default (top_k=0) and k = V store every logit: the online teacher's loss up to fp16."""
     cfg, source, teacher, tok, _, _ = world
     k = len(tok) if top_k == "V" else top_k
-    full = _cfg(cfg_overrides(cfg), tmp_path, **{"loss.top_k": k, "data.max_blocks": 8})
+    full = _cfg(cfg_overrides(cfg), tmp_path,
+                **{"loss.top_k": k, "data.max_blocks": 8, "loss.soft_label_format": "auto"})
     blocks = load_blocks(full.data, tok)
     labels = ensure_soft_labels(full, source, tok, blocks.train)
     assert labels.manifest["k"] == len(tok) and labels.manifest["dense"] and labels.indices is None

@@ -1,0 +1,131 @@
+"""The compact soft-label format: top-k logits + the tail's log-partition on a grid of 1/T.
+
+A top-k cache renormalised over its k logits optimises another objective as soon as
+T != 1 (the tail's share of p_T grows fast with T: ../shared/SOFT-LABELS.md). This
+format keeps, per token, the teacher's k largest raw logits z_S (fp16) and their ids,
+plus the log-partition of the *rest* of the vocabulary
+
+    B(b) = logsumexp_{j not in S} (b * z_j)          and its slope   B'(b) = E_{tail, b}[z]
+
+at a grid of inverse temperatures b = 1/T (fp32, 8 bytes per grid point). At a training
+temperature T on the grid, with b = 1/T and A(b) = logaddexp(logsumexp(b * z_S), B(b))
+the full log-partition,
+
+    head  log p_T(i) = b z_i - A(b)        exact for every kept token,
+    tail  log p_T(tail) = B(b) - A(b)      exact (no 1 - sum cancellation),
+
+so every divergence of :mod:`kd.losses` is computed exactly on the k + 1 buckets (the kept
+tokens and one tail bucket; the student's bucket is its mass outside S). The issue asks
+for A(b); storing the tail's B(b) is the same information (A = logaddexp(head, B)) with a
+tail mass that keeps its relative precision when it is tiny (T < 1).
+
+Between grid points B is interpolated by a cubic Hermite spline in b (B is convex in b,
+a log-partition function; B' gives the slopes). The error is measured by
+``bench/topk_exactness.py`` (``interp`` rows); a temperature outside the grid is refused.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def temperature_grid(t_min: float, t_max: float, points: int) -> tuple[float, ...]:
+    """Inverse temperatures b = 1/T, ascending, geometric from 1/t_max to 1/t_min.
+
+    Geometric because B's curvature in b grows as b -> 0 no faster than the spacing
+    shrinks, and sweeps sample T on a log scale. ``points = 1`` needs t_min = t_max.
+    """
+    if not 0 < t_min <= t_max:
+        raise ValueError(f"temperature grid [{t_min}, {t_max}] is not allowed: need 0 < t_min <= t_max")
+    if points < 1 or (points == 1 and t_min != t_max) or (points > 1 and t_min == t_max):
+        raise ValueError(f"grid points={points} is not allowed for [{t_min}, {t_max}]: need >= 2 (1 when t_min = t_max)")
+    if points == 1:
+        return (1.0 / t_min,)
+    lo, hi = math.log(1.0 / t_max), math.log(1.0 / t_min)
+    return tuple(math.exp(lo + (hi - lo) * i / (points - 1)) for i in range(points))
+
+
+def tail_log_partition(logits: Tensor, indices: Tensor, betas: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    """B(b) and B'(b) of the logits outside the kept ids, at each b of ``betas``.
+
+    Args:
+        logits: raw teacher logits (N, V), any float dtype (computed in fp32; pass the
+            fp16-rounded logits to match what a dense fp16 cache would hold).
+        indices: the kept ids (N, k) int64.
+        betas: inverse temperatures (G,).
+
+    Returns:
+        ``(lse (N, G), slope (N, G))`` fp32; an empty tail (k = V, or only -inf logits
+        outside S) has lse = -inf and slope = 0.
+    """
+    z = logits.float().scatter(-1, indices, -math.inf)  # (N, V): the tail only
+    lse, slope = [], []
+    for b in betas:
+        bz = z * b
+        a = torch.logsumexp(bz, dim=-1, keepdim=True)  # (N, 1)
+        w = (bz - torch.where(torch.isfinite(a), a, 0.0)).exp_()  # tail softmax at b; 0 on S
+        lse.append(a.squeeze(-1))
+        slope.append(torch.where(w > 0, w * z, 0.0).sum(-1))  # E_b[z] over the tail, 0 * -inf -> 0
+    return torch.stack(lse, -1), torch.stack(slope, -1)
+
+
+def compress(logits: Tensor, k: int, betas: tuple[float, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(values (N, k) fp16, indices (N, k) int64, tail_lse (N, G), tail_slope (N, G))``.
+
+    The tail is that of the fp16-rounded logits, so head and tail describe one vector.
+    """
+    z = logits.half().float()
+    values, indices = z.topk(k, dim=-1)
+    lse, slope = tail_log_partition(z, indices, betas)
+    return values.half(), indices, lse, slope
+
+
+def interpolate(tail_lse: Tensor, tail_slope: Tensor | None, betas: tuple[float, ...], b: float) -> Tensor:
+    """B(b) from its grid: exact at a grid point, cubic Hermite in between.
+
+    Args:
+        tail_lse: (..., G) B at ``betas``.
+        tail_slope: (..., G) B' at ``betas``; None allows grid points only.
+        betas: the grid (G,), ascending.
+        b: 1 / temperature.
+
+    Returns:
+        (...,) fp32.
+
+    Raises:
+        ValueError: ``b`` outside the grid, or between points without slopes.
+    """
+    for g, beta in enumerate(betas):
+        if math.isclose(b, beta, rel_tol=1e-9):
+            return tail_lse[..., g].float()
+    if not betas[0] < b < betas[-1]:
+        raise ValueError(f"temperature={1 / b:g} is not allowed: the soft-label cache's grid covers "
+                         f"T in [{1 / betas[-1]:g}, {1 / betas[0]:g}] (loss.grid_min/max_temperature)")
+    if tail_slope is None:
+        raise ValueError(f"temperature={1 / b:g} is not on the grid {[round(1 / x, 4) for x in betas]} "
+                         "and the cache stores no slopes to interpolate with")
+    g = max(i for i, beta in enumerate(betas) if beta < b)
+    b0, b1 = betas[g], betas[g + 1]
+    h, t = b1 - b0, (b - b0) / (b1 - b0)
+    y0, y1 = tail_lse[..., g].float(), tail_lse[..., g + 1].float()
+    d0, d1 = tail_slope[..., g].float(), tail_slope[..., g + 1].float()
+    empty = ~(torch.isfinite(y0) & torch.isfinite(y1))  # no tail: nothing to interpolate
+    y0, y1 = torch.where(empty, 0.0, y0), torch.where(empty, 0.0, y1)
+    h00, h10, h01, h11 = 2 * t**3 - 3 * t**2 + 1, t**3 - 2 * t**2 + t, -2 * t**3 + 3 * t**2, t**3 - t**2
+    out = h00 * y0 + h10 * h * d0 + h01 * y1 + h11 * h * d1
+    return torch.where(empty, -math.inf, out)
+
+
+def bucket_log_probs(values: Tensor, tail_lse: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """The teacher's tempered (k + 1)-bucket log-probs: head (N, k) and tail (N,).
+
+    Args:
+        values: raw top-k logits (N, k).
+        tail_lse: B(1/T) (N,), the tail's log-partition at this temperature.
+    """
+    head = values.float() / temperature  # (N, k)
+    log_a = torch.logaddexp(torch.logsumexp(head, -1), tail_lse)  # (N,) full log-partition A(1/T)
+    return head - log_a.unsqueeze(-1), tail_lse - log_a
