@@ -137,8 +137,10 @@ def test_asha_stops_a_bad_trial_and_never_one_that_reached_the_last_step(tmp_pat
 
         spec = SweepSpec("asha", {{"loss.temperature": LogUniform(0.5, 20.0)}}, ["acc_mean"], budget={{"smoke": 2}},
                          points=[{{"loss.temperature": 2.0}}, {{"loss.temperature": 15.0}}])
+        # One trial at a time: asynchronous ASHA lets the first trial at a rung go on, so the
+        # good trial must reach the rung first for the bad one to be compared (and stopped).
         options = SweepOptions(output_dir={str(tmp_path / 'sweep')!r}, preset="smoke", budget=2, references=False,
-                               runner=runner)
+                               runner=runner, max_concurrent=1)
         print(run_sweep(spec, apply_overrides(KDConfig(), {fixed!r}), options).text())
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(cache_root), capture_output=True,
@@ -203,6 +205,20 @@ def test_a_sweep_with_no_successful_trial_fails(tmp_path, cache_root):
     assert meta["parent"].info.status == "FAILED" and "FloatingPointError" in meta["parent"].data.tags["kd.error"]
     assert [r.info.status for r in children] == ["FAILED"], "no reference or repeats after a failed search"
     assert json.loads((out / "results.json").read_text())["error"].startswith("no trial of 1 finished")
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_ray_starts(tmp_path, cache_root):
+    """What the data refuses fails in one line before Ray or any file (issue 15, item 1)."""
+    env, out = _env(cache_root), tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--preset", "smoke", "--no-report",
+                           "--set", "train.batch_size=100000", "--output-dir", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if "Warning" not in ln and ln.strip()]
+    assert re.search(r"error: train.batch_size=100000 is not allowed: the data has only \d+ training blocks",
+                     lines[-1]), proc.stderr[-2000:]
+    assert not (out / "sweep.json").exists() and not (out / "mlflow.db").exists()
+    assert not list(Path(env["KD_RAY_TEMP_DIR"]).iterdir())  # Ray never started
 
 
 def test_nan_trial_is_failed_in_mlflow_and_the_sweep_goes_on(tmp_path, cache_root, tiny_overrides):

@@ -158,6 +158,8 @@ def main(spec: SweepSpec, argv: list[str] | None = None) -> int:
         from kd.sweep.driver import run_sweep  # imports Ray: only after every check passed
 
         results = run_sweep(run_spec, base, options)
+    except ConfigError as e:  # a value the data refuses (kd.preflight), found before Ray starts
+        _fail(p.prog, str(e))
     except SweepError as e:
         _fail(p.prog, str(e), 1)
     print(results.text())

@@ -86,10 +86,14 @@ def _resources(num_workers: int, use_gpu: bool, force_train: bool = False) -> tu
     return {"cpu": 0, "memory": 64 << 20}, threads, max(1, per_trial)
 
 
-def _prepare(base: KDConfig) -> None:
-    """Build the world and train the teacher once, here, before any trial needs them."""
+def _prepare(base: KDConfig, num_workers: int = 1) -> None:
+    """Check the batch sizes against the data, then build the world and train the teacher
+    once, here, before Ray starts or any trial needs them (a batch larger than the data
+    would otherwise fail every trial, one by one)."""
+    from kd.preflight import check_training
     from kd.teacher import ensure_teacher
 
+    check_training(base, world_size=num_workers)
     ensure_teacher(base, progress=True)
 
 
@@ -159,7 +163,7 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
 
     prune = pruning(spec.objectives, base.train.steps, base.train.eval_every) if options.early_stop else None
     if options.prepare:
-        _prepare(base)
+        _prepare(base, options.num_workers)
     if options.address and base.loss.teacher_mode == "cache" and not base.loss.soft_labels_dir:
         # A cluster's nodes do not share ~/.cache: keep the soft labels beside the sweep's
         # results, which every node reads (cluster.yaml mounts shared storage there).
