@@ -73,8 +73,7 @@ def pass_(trials: list[dict[str, Any]], tracker, base: KDConfig, trials_dir: Pat
     (and ``latency_ms_per_token_std`` added); the child runs get the same two metrics at
     their last step. Returns ``{"shapes": {key: figures}, "teacher": figures}``.
     """
-    import torch
-
+    from kd.measure import torch_threads
     from kd.models import load_pretrained
     from kd.teacher import ensure_teacher
 
@@ -94,11 +93,8 @@ def pass_(trials: list[dict[str, Any]], tracker, base: KDConfig, trials_dir: Pat
                     models[key] = load_pretrained(str(path))
                     break
         models["teacher"] = load_pretrained(ensure_teacher(base), trust_remote_code=base.teacher.trust_remote_code)
-        threads = torch.get_num_threads()
-        try:
+        with torch_threads(None):  # time_models fixes its own threads; restore the driver's after
             figures = time_models(models)
-        finally:
-            torch.set_num_threads(threads)
     for key, members in shapes.items():
         if key not in figures:
             continue
