@@ -49,6 +49,9 @@ class MLflowTrials(Callback):
     ``student/``, the teacher's figures once on the parent. Status: FINISHED, FAILED with
     ``kd.error``, KILLED when ASHA stopped the trial early (tags ``kd.stopped`` and
     ``kd.stopped_step``; its accuracies at that step are logged like any evaluation).
+    Tag ``kd.checkpoint_step``: the step an interrupted sweep resumes the trial from, set
+    once Tune has registered that checkpoint (a checkpoint on disk that Tune has not yet
+    registered is not resumed: the trial restarts).
     Tag ``kd.role``: ``trial`` (searched), ``reference`` (CE-only) or ``repeat`` (a
     finalist's extra seed, with ``kd.repeat_of`` naming the trial it repeats).
     """
@@ -93,6 +96,11 @@ class MLflowTrials(Callback):
         if not self._teacher_logged and any(k.startswith("teacher_") for k in result):
             self.tracker.log_teacher(self.parent_id, result)
             self._teacher_logged = True
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        step = (trial.last_result or {}).get("step")
+        if step is not None and not (trial.last_result or {}).get("kd_final"):
+            self.tracker.client.set_tag(self._run(trial), "kd.checkpoint_step", str(int(step)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run(trial)
