@@ -78,7 +78,8 @@ class StudentConfig:
     n_head: int = 0
     """Attention heads; 0 keeps the teacher's head size (n_embd / teacher head dim)."""
     init: str = "random"
-    """``random``, or ``teacher``: copy embeddings and evenly spaced layers (widths must match)."""
+    """``random``, or ``teacher``: copy embeddings and evenly spaced layers; a narrower student
+    (at most the teacher's width, same head size) takes the leading slice of every weight."""
 
 
 @dataclass
@@ -528,8 +529,10 @@ def validate(cfg: KDConfig) -> None:
                f"must be divisible by the teacher's head size {head_dim} (or set student.n_head)")
     _check_choice("student.init", s.init, INITS)
     if s.init == "teacher" and t.source == "train":
-        _check(s.n_embd == t.n_embd, "student.n_embd", s.n_embd,
-               f"must equal teacher.n_embd={t.n_embd} when student.init=teacher")
+        _check(s.n_embd <= t.n_embd, "student.n_embd", s.n_embd,
+               f"must be at most teacher.n_embd={t.n_embd} when student.init=teacher")
+        _check(not s.n_head or s.n_embd // s.n_head == t.n_embd // t.n_head, "student.n_head", s.n_head,
+               f"must keep the teacher's head size {t.n_embd // t.n_head} when student.init=teacher")
 
     _check_choice("data.world_size", d.world_size, WORLD_SIZES)
     _check(d.block_size >= 8, "data.block_size", d.block_size, "must be >= 8")

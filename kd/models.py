@@ -4,7 +4,8 @@ Teachers come from a hub id or a local ``save_pretrained`` directory through
 ``AutoModelForCausalLM`` (weights from safetensors; ``trust_remote_code`` only when asked),
 or are trained on the embedded world by :mod:`kd.teacher`. A student is the teacher's
 config with depth and width overridden (GPT-2 and Llama families), initialised at random
-or from the teacher's embeddings and evenly spaced layers.
+or from the teacher's embeddings and evenly spaced layers (narrower students take the
+leading slice of every weight: whole heads, the first residual and MLP channels).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from kd.config import ConfigError, StudentConfig
 # Per family: the config fields for depth, width, heads, MLP width, and where the layers sit.
 _FAMILIES: dict[str, dict[str, str]] = {
     "gpt2": {"layers": "n_layer", "width": "n_embd", "heads": "n_head", "inner": "n_inner",
-             "blocks": "transformer.h"},
+             "blocks": "transformer.h", "fused_qkv": "attn.c_attn."},
     "llama": {"layers": "num_hidden_layers", "width": "hidden_size", "heads": "num_attention_heads",
               "inner": "intermediate_size", "blocks": "model.layers"},
 }
@@ -101,7 +102,11 @@ def build_student(teacher: PreTrainedModel, spec: StudentConfig, *, seed: int = 
 
     ``spec.init == "teacher"`` copies the embeddings, the final norm, an untied LM head
     and evenly spaced transformer layers (``round(linspace(0, L_t - 1, L_s))``), as
-    DistilBERT/DistilGPT2 did; that needs equal widths.
+    DistilBERT/DistilGPT2 did. A narrower student (same head size) gets the leading slice
+    of every weight along each dimension that shrinks: its heads are the teacher's first
+    heads, its residual and MLP channels the first ones, consistently in every layer, so
+    the residual stream still lines up (the "weight selection" of Xu et al., 2024,
+    "Initializing Models with Larger Ones").
     """
     cfg = student_config(teacher.config, spec)
     torch.manual_seed(seed)
@@ -111,27 +116,46 @@ def build_student(teacher: PreTrainedModel, spec: StudentConfig, *, seed: int = 
     return student
 
 
+def _leading(t: torch.Tensor, shape: torch.Size, fused_dim: int | None) -> torch.Tensor:
+    """The leading slice of ``t`` with ``shape``; along ``fused_dim`` (GPT-2's q|k|v) per third."""
+    for dim, n in enumerate(shape):
+        if t.shape[dim] == n:
+            continue
+        if dim == fused_dim:
+            t = torch.cat([c.narrow(dim, 0, n // 3) for c in t.chunk(3, dim)], dim)
+        else:
+            t = t.narrow(dim, 0, n)
+    return t
+
+
 def _copy_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
     names = _FAMILIES[family(teacher.config)]
     s_width = getattr(student.config, names["width"])
     t_width = getattr(teacher.config, names["width"])
-    if s_width != t_width:
-        raise ConfigError(f"student.n_embd={s_width} is not allowed with student.init=teacher: "
-                          f"it must equal the teacher's width {t_width}")
+    s_head = s_width // getattr(student.config, names["heads"])
+    t_head = t_width // getattr(teacher.config, names["heads"])
+    if s_width > t_width or s_head != t_head:
+        raise ConfigError(f"student.n_embd={s_width} is not allowed with student.init=teacher: it must be at "
+                          f"most the teacher's width {t_width}, with the teacher's head size {t_head}")
     s_blocks, t_blocks = _get(student, names["blocks"]), _get(teacher, names["blocks"])
     picks = torch.linspace(0, len(t_blocks) - 1, len(s_blocks)).round().long().tolist()
     t_state = teacher.state_dict()
     s_state = student.state_dict()
     prefix = names["blocks"] + "."
+    fused = names.get("fused_qkv")
     new_state = {}
-    for key in s_state:
+    for key, target in s_state.items():
         if key.startswith(prefix):
             idx, rest = key[len(prefix):].split(".", 1)
             src = f"{prefix}{picks[int(idx)]}.{rest}"
         else:
             src = key  # embeddings, final norm, lm_head
-        if src in t_state and t_state[src].shape == s_state[key].shape:
-            new_state[key] = t_state[src].clone()
+        if src not in t_state or t_state[src].dim() != target.dim():
+            continue
+        # GPT-2's Conv1D keeps q|k|v side by side in its last dimension (weight and bias)
+        fused_dim = target.dim() - 1 if fused and fused in key else None
+        if all(t >= s for t, s in zip(t_state[src].shape, target.shape)):
+            new_state[key] = _leading(t_state[src], target.shape, fused_dim).clone()
     student.load_state_dict(new_state, strict=False)
     if student.config.tie_word_embeddings:
         student.tie_weights()

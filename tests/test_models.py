@@ -49,10 +49,38 @@ def test_init_from_teacher_copies_embeddings_and_spaced_layers(tok, arch):
     assert not torch.equal(random_student.state_dict()[emb], t[emb])
 
 
-def test_init_from_teacher_needs_equal_width(tok):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_init_from_teacher_narrower_takes_leading_heads_and_channels(tok, arch):
+    teacher = make_model(tok, arch, n_layer=2, n_embd=64, n_head=4)  # head size 16
+    student = build_student(teacher, StudentConfig(n_layer=2, n_embd=32, init="teacher"))  # 2 heads
+    t, s = teacher.state_dict(), student.state_dict()
+    if arch == "gpt2":
+        assert torch.equal(s["transformer.wte.weight"], t["transformer.wte.weight"][:, :32])
+        assert torch.equal(s["transformer.h.1.ln_1.weight"], t["transformer.h.1.ln_1.weight"][:32])
+        qkv_t, qkv_s = t["transformer.h.1.attn.c_attn.weight"], s["transformer.h.1.attn.c_attn.weight"]
+        for i in range(3):  # q, k and v each keep the first two heads (32 of 64 columns)
+            assert torch.equal(qkv_s[:, 32 * i:32 * (i + 1)], qkv_t[:32, 64 * i:64 * i + 32])
+        assert torch.equal(s["transformer.h.1.attn.c_attn.bias"][32:64], t["transformer.h.1.attn.c_attn.bias"][64:96])
+        assert torch.equal(s["transformer.h.0.mlp.c_proj.weight"], t["transformer.h.0.mlp.c_proj.weight"][:128, :32])
+    else:
+        assert torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"][:, :32])
+        for name in ("q_proj", "k_proj", "v_proj"):
+            key = f"model.layers.1.self_attn.{name}.weight"
+            assert torch.equal(s[key], t[key][:32, :32]), key
+        key = "model.layers.0.mlp.down_proj.weight"
+        assert torch.equal(s[key], t[key][:32, :s[key].shape[1]])
+    random_student = build_student(teacher, StudentConfig(n_layer=2, n_embd=32))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    for model in (student, random_student):  # a working model either way
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_init_from_teacher_refuses_a_wider_student_or_another_head_size(tok):
     teacher = make_model(tok, n_layer=2, n_embd=32, n_head=2)
+    with pytest.raises(ConfigError, match="student.n_embd=64 is not allowed with student.init=teacher"):
+        build_student(teacher, StudentConfig(n_layer=1, n_embd=64, init="teacher"))
     with pytest.raises(ConfigError, match="student.n_embd=16 is not allowed with student.init=teacher"):
-        build_student(teacher, StudentConfig(n_layer=1, n_embd=16, init="teacher"))
+        build_student(teacher, StudentConfig(n_layer=1, n_embd=16, n_head=2, init="teacher"))
 
 
 def test_width_not_divisible_by_heads(tok):
