@@ -50,8 +50,26 @@ def _ray_init(address: str | None) -> None:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
     else:  # never a bare ray.init(): it may attach to another Ray on this machine
         temp = os.environ.get("KD_RAY_TEMP_DIR")
+        _loopback_only()
         ray.init(address="local", include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env}, **({"_temp_dir": temp} if temp else {}))
+
+
+def _loopback_only() -> None:
+    """Make the local Ray about to start listen on 127.0.0.1 only.
+
+    A one-machine sweep needs no other host, yet Ray's servers (GCS, raylet, workers,
+    agents) listen on every interface by default, and ``ray.init(_node_ip_address=
+    "127.0.0.1")`` is turned back into the routable address. Ray's single-machine mode
+    (what it uses on macOS and Windows) takes the loopback as the node address, and then
+    every server binds it: the environment variable reaches the processes Ray starts, the
+    constant this process (read when the node starts, after ``import ray``). The slow test
+    ``tests/test_ray_local.py`` checks the listening sockets, so a Ray that changes this fails loudly.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 #: CPU-only machines run trials of ``cpus // CPU_THREAD_SHARE`` threads (at least 1, at most 8), so as many
@@ -195,7 +213,10 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
         results = SweepResults(spec.name, experiment, out, uri, parent_id, spec.objectives)
         meta = {"trials_dir": str(out / "trials"), "threads": threads, "num_workers": options.num_workers,
                 "use_gpu": use_gpu, "max_failures": options.max_failures, "storage_path": str(storage),
-                "base": base_dict(base), "searched": sorted(space), "prune": prune.meta() if prune else None}
+                "base": base_dict(base), "searched": sorted(space), "prune": prune.meta() if prune else None,
+                # The latency pass measures every shape after the trials; a trial measures its
+                # own only when the search itself needs it (a latency objective).
+                "trial_latency": "latency_ms_per_token" in spec.objectives}
         in_trial = options.num_workers == 1 and not options.force_train
         fn = trial.trial_in_process if in_trial else trial.trial_torch_trainer
         if options.runner is not None:  # a benchmark's stand-in loop, shipped to the trials by Ray
