@@ -181,6 +181,14 @@ def latency(model: torch.nn.Module, tokenizer: Any = None, *, prompt_len: int = 
             "prefill_tokens_per_s": prompt_len / statistics.median(prefill_s)}
 
 
+def measure_size(model: torch.nn.Module) -> dict[str, float]:
+    """The size metrics of :mod:`kd.metrics` (params, size_mb, flops_per_token): no timing."""
+    out: dict[str, float] = dict(count_params(model))
+    out["size_mb"] = size_mb(model)
+    out["flops_per_token"] = flops_per_token(model.config)
+    return out
+
+
 def measure_model(model: torch.nn.Module, tokenizer: Any = None, **latency_kwargs: Any) -> dict[str, float]:
     """Every size and speed metric of :mod:`kd.metrics` for one model.
 
@@ -191,8 +199,6 @@ def measure_model(model: torch.nn.Module, tokenizer: Any = None, **latency_kwarg
     ctx = max_length(model)
     latency_kwargs.setdefault("new_tokens", min(32, ctx // 2))
     latency_kwargs.setdefault("prompt_len", min(32, ctx - latency_kwargs["new_tokens"]))
-    out: dict[str, float] = dict(count_params(model))
-    out["size_mb"] = size_mb(model)
-    out["flops_per_token"] = flops_per_token(model.config)
+    out = measure_size(model)
     out.update(latency(model, tokenizer, **latency_kwargs))
     return out

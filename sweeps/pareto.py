@@ -4,7 +4,8 @@ Temperature, kd_weight, depth and width are searched together with three objecti
 acc_mean (max), params (min) and latency_ms_per_token (min). Optuna's multi-objective TPE
 proposes trials (metric and mode are lists); nothing is early-stopped, since one student
 can lose on accuracy and still sit on the front by being small. The front, its
-hypervolume and the plots come from ``analysis/`` reading the MLflow runs.
+hypervolume and the plots come from ``analysis/`` reading the MLflow runs. Demo and full
+students start from the teacher; the demo searches 1-3 layers (4 at full width is the teacher).
 
 Run it here (the embedded default world; trains the teacher on first use):
 
@@ -32,7 +33,12 @@ SPEC = SweepSpec(
     budget={"smoke": 3, "demo": 10, "full": 64},
     points=[{"loss.temperature": 2.0, "loss.kd_weight": 0.5, "student.n_layer": 2, "student.n_embd": 128}],
     # The smoke preset's tiny teacher has a head size of 32.
-    preset_space={"smoke": {
+    preset_space={"demo": {
+        "loss.temperature": LogUniform(0.5, 20.0),
+        "loss.kd_weight": Uniform(0.0, 1.0),
+        "student.n_layer": Choice([1, 2, 3]),
+        "student.n_embd": Choice([64, 128, 192, 256]),
+    }, "smoke": {
         "loss.temperature": LogUniform(0.5, 20.0),
         "loss.kd_weight": Uniform(0.0, 1.0),
         "student.n_layer": Choice([1, 2]),

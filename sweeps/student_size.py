@@ -5,6 +5,8 @@ their size) are searched with the loss fixed at the combined objective. Every st
 trains on the same token budget (STACK.md: at equal wall time small students simply take
 more steps), so the trade-off read from the runs is accuracy against size, not speed.
 Trials record params, size_mb, flops_per_token and latency_ms_per_token next to accuracy.
+Demo and full students start from the teacher (its first heads and channels, evenly
+spaced layers); the demo searches 1-3 layers (4 at full width would be the teacher).
 
 Run it here (the embedded default world; trains the teacher on first use):
 
@@ -32,7 +34,8 @@ SPEC = SweepSpec(
     preset_fixed={"smoke": {"student.n_layer": 1, "student.n_embd": 32}},
     points=[{"student.n_layer": 2, "student.n_embd": 128}],
     # The smoke preset's tiny teacher has a head size of 32: widths in its multiples.
-    preset_space={"smoke": {"student.n_layer": Choice([1, 2]), "student.n_embd": Choice([32, 64])}},
+    preset_space={"smoke": {"student.n_layer": Choice([1, 2]), "student.n_embd": Choice([32, 64])},
+                  "demo": {"student.n_layer": Choice([1, 2, 3]), "student.n_embd": Choice([64, 128, 192, 256])}},
     preset_points={"smoke": [{"student.n_layer": 1, "student.n_embd": 32}]},
 )
 

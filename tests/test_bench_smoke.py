@@ -110,11 +110,15 @@ def test_wikitext2_quick(tmp_path):
 
 
 def test_world_students_quick(tmp_path):
-    out = _run("world_students.py", "--quick", "--output-dir", str(tmp_path))
+    out = _run("world_students.py", "--quick", "--seeds", "2", "--output-dir", str(tmp_path))
     header, rows = _table(out, "model")
     assert header == ["model", "kd_weight", "T", "val_loss", "acc_completion", "acc_choice", "em_qa", "f1_qa",
                       "acc_mean", "retention"]
-    assert [r[0] for r in rows] == ["teacher", "student, CE only", "student, combined (kd_weight=0.5, T=2)"]
-    for r in rows:
-        _positive(r[3])  # val_loss
-        assert all(0.0 <= float(c) <= 1.0 for c in r[4:9])  # accuracies are fractions
+    assert [r[0] for r in rows] == ["teacher", "student, CE only", "student, distillation only",
+                                    "student, combined (0.5)"]
+    assert [r[1] for r in rows] == ["-", "0", "1", "0.5"]
+    _positive(rows[0][3])
+    for r in rows[1:]:  # two seeds: every cell is "mean ± std"
+        mean, std = (float(x) for x in r[3].split(" ± "))
+        assert mean > 0 and std >= 0
+        assert all(0.0 <= float(c.split(" ± ")[0]) <= 1.0 for c in r[4:9])  # accuracies are fractions

@@ -78,6 +78,8 @@ def _run(runner: Runner | None, cfg, meta: dict[str, Any], **kwargs: Any) -> dic
     prune = meta.get("prune")
     if prune and prune.get("tasks"):  # the objective is a task metric: evaluate at the rungs
         kwargs["eval_steps"] = set(prune["steps"])
+    if not meta.get("trial_latency", True):
+        kwargs["latency"] = False
     return (runner or distill)(cfg, **kwargs)
 
 
