@@ -99,6 +99,14 @@ def test_verdict_says_beats_only_beyond_the_seed_spread():
     runner = verdict(["acc_mean"], _e({"loss.temperature": 2.0}, [0.20, 0.21]),
                      _e({"loss.temperature": 4.0}, [0.205]), ref)
     assert "cannot be told apart" in runner
+    # a size sweep's best is another shape than its reference: the verdict says so
+    sized = verdict(["acc_mean"], _e({"student.n_layer": 3, "student.n_embd": 192}, [0.80, 0.81]), None,
+                    _e({"loss.kd_weight": 0.0, "student.n_layer": 2, "student.n_embd": 128}, [0.62, 0.66]))
+    assert "reference at student.n_embd=128, student.n_layer=2" in sized
+    assert "differ in shape, so the gap is not distillation's alone" in sized
+    same = verdict(["acc_mean"], _e({"student.n_layer": 2, "student.n_embd": 128}, [0.80, 0.81]), None,
+                   _e({"loss.kd_weight": 0.0, "student.n_layer": 2, "student.n_embd": 128}, [0.62, 0.66]))
+    assert "differ in shape" not in same and "reference (" in same
 
 
 def _t(tid, role, temp, seed, acc, status="FINISHED"):

@@ -167,7 +167,8 @@ def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, re
     if reference and m in reference["mean"]:
         diff = sign * (best["mean"][m] - reference["mean"][m])
         spread = _spread(best, reference, m)
-        ref = f"the CE-only reference ({_pm(reference, m)})"
+        shape = _other_shape(best["config"], reference["config"])
+        ref = f"the CE-only reference{' at ' + shape if shape else ''} ({_pm(reference, m)})"
         if spread is None:
             text += (f"; it is {'above' if diff > 0 else 'not above'} {ref} by {_fmt(abs(diff))}, "
                      "but with one seed the spread is unknown, so it is not a verdict")
@@ -176,6 +177,8 @@ def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, re
         else:
             text += (f" and does not beat {ref}: the difference ({_fmt(diff)}) is within the seed spread "
                      f"({_fmt(spread)})")
+        if shape:
+            text += "; the two differ in shape, so the gap is not distillation's alone"
     else:
         text += "; no CE-only reference finished to compare with"
     if runner_up and m in runner_up["mean"]:
@@ -191,6 +194,14 @@ def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, re
             text += (f"; the runner-up ({_name(runner_up['config'])}, {_pm(runner_up, m)}) cannot be "
                      "told apart from it")
     return text + "."
+
+
+def _other_shape(config: dict[str, Any], reference: dict[str, Any]) -> str:
+    """The reference's student shape when ``config`` searched another one ("" when the same)."""
+    keys = sorted(k for k in config if k.startswith("student.") and k in reference)
+    if all(config[k] == reference[k] for k in keys):
+        return ""
+    return ", ".join(f"{k}={reference[k]}" for k in keys)
 
 
 def _spread(a: dict, b: dict, m: str) -> float | None:
