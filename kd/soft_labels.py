@@ -395,7 +395,7 @@ class SoftLabels:
     """A verified cache, memory-mapped: the teacher's targets for any block ids on demand.
 
     Nothing is loaded up front; :meth:`lookup` copies only the rows a batch asks for, so a
-    trial holds one batch of targets, not the cache (265 MB dense on the demo world).
+    trial holds one batch of targets, not the cache (265 MB dense on the small world).
     A published cache is never written again (a rebuild publishes a new directory), so
     what the map shows is what was verified.
     """

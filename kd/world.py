@@ -16,7 +16,7 @@ The evaluation sets use the schemas of real benchmarks so one evaluator serves b
 
 Sizes (training tokens with the world's own tokenizer at seed 0, one eos per document;
 ``world.json`` has the exact counts): ``tiny`` 40 people, 779 documents, ~32k tokens (tests);
-``small`` 100 people, 1,645 documents, ~68k (the demo preset); ``default`` 200 people,
+``small`` 100 people, 1,645 documents, ~68k; ``default`` 200 people (the main job),
 3,005 documents, ~134k tokens (89k of them biographies, 8-12 per person), so the default
 teacher's 760 steps of 16 x 128 tokens (1.56M tokens) are ~12 passes over everything and
 ~100 sightings of each fact: STACK.md measured a 4x256 model to need ~30 passes over a
