@@ -1,7 +1,7 @@
 """The compact soft-label format: top-k logits + the tail's log-partition on a grid of 1/T.
 
 A top-k cache renormalised over its k logits optimises another objective as soon as
-T != 1 (the tail's share of p_T grows fast with T: ../shared/SOFT-LABELS.md). This
+T != 1 (the tail's share of p_T grows fast with T: BENCHMARKS.md, soft labels). This
 format keeps, per token, the teacher's k largest raw logits z_S (fp16) and their ids,
 plus the log-partition of the *rest* of the vocabulary
 

@@ -1,7 +1,7 @@
 """Teacher soft labels computed once: the teacher's logits (all, or top-k) for every token.
 
 Every trial of a sweep distils from the same teacher on the same blocks, so its outputs
-are computed once (DESIGN.md) and a trial reads them instead of running the teacher. The
+are computed once and a trial reads them instead of running the teacher. The
 cache keeps, per training block and position, the teacher's *raw* logits in fp16, in one
 of three layouts (``loss.soft_label_format``; :func:`resolve_format`): all V of them
 (``dense``, exact at every temperature; the default up to V = 8,192), ``compact`` (the k

@@ -19,7 +19,7 @@ Sizes (training tokens with the world's own tokenizer at seed 0, one eos per doc
 ``small`` 100 people, 1,645 documents, ~68k; ``default`` 200 people (the main job),
 3,005 documents, ~134k tokens (89k of them biographies, 8-12 per person), so the default
 teacher's 760 steps of 16 x 128 tokens (1.56M tokens) are ~12 passes over everything and
-~100 sightings of each fact: STACK.md measured a 4x256 model to need ~30 passes over a
+~100 sightings of each fact: a 4x256 model was measured to need ~30 passes over a
 fact before held-out QA works, and many renderings per fact (rather than many passes over
 a few) keep the teacher from memorising documents. More people at the same budget means
 fewer sightings per fact, and held-out QA collapses.
@@ -69,7 +69,7 @@ class WorldSize:
     val_stories: int
     choice_per_person: int = 2
     # Many renderings per person, few passes over each: a teacher sees every fact ~100
-    # times either way (STACK.md: facts need 30+ passes), but with 2-4 bios and 300
+    # times either way (measured: facts need 30+ passes), but with 2-4 bios and 300
     # stories the default teacher made 34 passes over one 46K-token corpus and memorised
     # its documents: validation loss rose from 1.28 (step 190) to 1.78 (step 760), CE-only
     # students beat it on validation loss, and distilling from it hurt (QA EM 0.29). With

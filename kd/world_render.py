@@ -120,7 +120,7 @@ def answer_aliases(attribute: str, value: str) -> list[str]:
 # ------------------------------------------------------------------- biographies
 
 # One sentence per fact, the full name in every sentence (a model learns facts far
-# better when each sentence names the person in full; see STACK.md).
+# better when each sentence names the person in full; measured on this world).
 BIO_TEMPLATES: dict[str, tuple[str, ...]] = {
     "birth_year": (
         "{name} was born in {v}.",

@@ -2,7 +2,7 @@
 
 Depth (n_layer) and width (n_embd, in multiples of the teacher's head size so heads keep
 their size) are searched with the loss fixed at the combined objective. Every student
-trains on the same token budget (STACK.md: at equal wall time small students simply take
+trains on the same token budget (at equal wall time small students simply take
 more steps), so the trade-off read from the runs is accuracy against size, not speed.
 Trials record params, size_mb, flops_per_token and latency_ms_per_token next to accuracy.
 Demo and full students start from the teacher (its first heads and channels, evenly

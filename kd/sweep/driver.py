@@ -91,14 +91,14 @@ def _resources(num_workers: int, use_gpu: bool, force_train: bool = False) -> tu
         # thread each trained 1.35x the total tokens/s of one trial of two threads (1.36x
         # eager), since a small model's kernels do not scale across threads. Each trial
         # holds its threads' CPUs, so they never oversubscribe the cores (oversubscribed,
-        # two 2-thread processes on 2 cores ran ~10x slower each: STACK.md).
+        # two 2-thread processes on 2 cores ran ~10x slower each, measured).
         if use_gpu:
             threads = max(1, min(8, cpus // max(gpus, 1)))
             return {"cpu": threads, "gpu": 1}, threads, max(1, gpus)
         threads = max(1, min(8, cpus // CPU_THREAD_SHARE))
         return {"cpu": threads}, threads, max(1, cpus // threads)
     # The Tune trial only drives a TorchTrainer whose workers hold the resources;
-    # {"cpu": 0} alone raises "empty head bundle" (STACK.md).
+    # {"cpu": 0} alone raises "empty head bundle" (Ray 2.60).
     threads = 1 if not use_gpu else max(1, cpus // max(gpus, 1))
     per_trial = gpus // num_workers if use_gpu else cpus // (num_workers * threads)
     return {"cpu": 0, "memory": 64 << 20}, threads, max(1, per_trial)

@@ -148,7 +148,7 @@ def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> KDConfig:
 #:        temperature sweep, teacher training on first use included, fits in 10 minutes on
 #:        2 cores (BENCHMARKS.md has the measured time and table).
 #: full:  the default world with the teacher trained twice as long; students at the
-#:        teacher's token budget (STACK.md: compare students at equal token budgets).
+#:        teacher's token budget (students compare fairly only at equal token budgets).
 PRESETS: dict[str, dict[str, Any]] = {
     # smoke keeps the online teacher: its sweeps last seconds and the e2e tests run it.
     "smoke": {  # the tests' tiny config (tests/conftest.py), so they share its teacher
