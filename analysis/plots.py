@@ -26,13 +26,18 @@ def _label(name: str) -> str:
     return f"{name} ({unit})" if unit and unit not in ("fraction", "count") else name
 
 
-def run_label(row: pd.Series) -> str:
-    """A short name for a trial: ``2x128 T=2 w=0.5 s=0`` (from the params it has)."""
+def run_label(row: pd.Series, seed: bool = True) -> str:
+    """A short name for a trial: ``2x128 T=2 w=0.5 s=0`` (from the params it has); a
+    CE-only run (``w=0``, where the temperature plays no part) reads ``2x128 CE only s=0``."""
     parts = []
     if "student.n_layer" in row and "student.n_embd" in row:
         parts.append(f"{row['student.n_layer']}x{row['student.n_embd']}")
-    for key, short in (("loss.temperature", "T"), ("loss.kd_weight", "w"), ("train.seed", "s")):
-        if key in row and pd.notna(row[key]):
+    ce_only = "loss.kd_weight" in row and pd.notna(row["loss.kd_weight"]) and float(row["loss.kd_weight"]) == 0.0
+    keys = (("train.seed", "s"),) if ce_only else (("loss.temperature", "T"), ("loss.kd_weight", "w"), ("train.seed", "s"))
+    if ce_only:
+        parts.append("CE only")
+    for key, short in keys:
+        if key in row and pd.notna(row[key]) and (seed or key != "train.seed"):
             parts.append(f"{short}={row[key]:g}")
     return " ".join(parts) or str(row.get("trial_id") or row["run_id"][:8])
 

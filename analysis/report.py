@@ -293,7 +293,7 @@ def _seed_rows(df, metrics: list[str], knobs: list[str]) -> list[list[str]]:
         for m in metrics:
             col = g[m].dropna() if m in g.columns else []
             cells.append("-" if not len(col) else fmt(col.mean()) + (f" ± {fmt(col.std())}" if len(col) > 1 else ""))
-        rows.append([run_label(g.iloc[0]).replace(" s=" + str(g.iloc[0].get("train.seed", "")), ""), role,
+        rows.append([run_label(g.iloc[0], seed=False), role,
                      str(len(g)), *cells])
     return rows
 

@@ -299,3 +299,13 @@ def test_knob_frame_has_every_trial_marked_for_what_it_is():
     top, bottom = fig.axes
     assert len(top.collections) >= 2 and len(bottom.collections) == 3  # finished, stopped / and failed below
     assert "early-stopped (at its step)" in [t.get_text() for t in top.get_legend().get_texts()]
+
+
+def test_run_label_names_a_ce_only_run_without_its_unused_temperature():
+    run_label = analysis.run_label
+    kd = pd.Series({"student.n_layer": 2, "student.n_embd": 128, "loss.temperature": 2.0, "loss.kd_weight": 0.5,
+                    "train.seed": 1}, dtype=object)  # a row of the runs frame: ints stay ints
+    assert run_label(kd) == "2x128 T=2 w=0.5 s=1" and run_label(kd, seed=False) == "2x128 T=2 w=0.5"
+    ce = kd.copy()
+    ce["loss.kd_weight"] = 0.0
+    assert run_label(ce) == "2x128 CE only s=1" and run_label(ce, seed=False) == "2x128 CE only"
