@@ -59,6 +59,16 @@ def _healthy(port: int) -> bool:
         return False
 
 
+def _kill_groups(*pgids: int | None) -> None:
+    """SIGKILL what a test left running, group by group (a cleanup: gone already is fine)."""
+    for pgid in pgids:
+        if pgid is not None:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_to_kd_ui_stops_the_mlflow_server_group(tmp_path, sig):
     port = _free_port()
@@ -89,12 +99,7 @@ def test_signal_to_kd_ui_stops_the_mlflow_server_group(tmp_path, sig):
         with pytest.raises(OSError):  # nothing listens on the port any more
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
     finally:
-        for pgid in (server_pgid, ui.pid):
-            if pgid is not None:
-                try:
-                    os.killpg(pgid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        _kill_groups(server_pgid, ui.pid)
         ui.wait(timeout=10)
         log.close()
 
@@ -120,10 +125,5 @@ def test_kd_ui_killed_takes_its_server_down(tmp_path):
             time.sleep(0.2)
         assert _group_members(server_pgid) == []
     finally:
-        for pgid in (server_pgid, ui.pid):
-            if pgid is not None:
-                try:
-                    os.killpg(pgid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        _kill_groups(server_pgid, ui.pid)
         ui.wait(timeout=10)
