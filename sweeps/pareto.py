@@ -20,25 +20,22 @@ import sys
 
 from kd.sweep import Choice, LogUniform, SweepSpec, Uniform, main
 
+SPACE = {
+    "loss.temperature": LogUniform(0.5, 20.0),
+    "loss.kd_weight": Uniform(0.0, 1.0),
+    "student.n_layer": Choice([1, 2, 3, 4]),
+    "student.n_embd": Choice([64, 128, 192, 256]),  # multiples of the teacher's head size (64)
+}
+
 SPEC = SweepSpec(
     name="pareto",
     description=__doc__.split("\n\n")[0],
-    space={
-        "loss.temperature": LogUniform(0.5, 20.0),
-        "loss.kd_weight": Uniform(0.0, 1.0),
-        "student.n_layer": Choice([1, 2, 3, 4]),
-        "student.n_embd": Choice([64, 128, 192, 256]),  # multiples of the teacher's head size (64)
-    },
+    space=SPACE,
     objectives=["acc_mean", "params", "latency_ms_per_token"],
     budget={"smoke": 3, "demo": 10, "full": 64},
     points=[{"loss.temperature": 2.0, "loss.kd_weight": 0.5, "student.n_layer": 2, "student.n_embd": 128}],
     # The smoke preset's tiny teacher has a head size of 32.
-    preset_space={"demo": {
-        "loss.temperature": LogUniform(0.5, 20.0),
-        "loss.kd_weight": Uniform(0.0, 1.0),
-        "student.n_layer": Choice([1, 2, 3]),
-        "student.n_embd": Choice([64, 128, 192, 256]),
-    }, "smoke": {
+    preset_space={"demo": {**SPACE, "student.n_layer": Choice([1, 2, 3])}, "smoke": {
         "loss.temperature": LogUniform(0.5, 20.0),
         "loss.kd_weight": Uniform(0.0, 1.0),
         "student.n_layer": Choice([1, 2]),

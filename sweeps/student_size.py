@@ -21,13 +21,15 @@ import sys
 
 from kd.sweep import Choice, SweepSpec, main
 
+SPACE = {
+    "student.n_layer": Choice([1, 2, 3, 4]),
+    "student.n_embd": Choice([64, 128, 192, 256]),  # the default teacher's head size is 64
+}
+
 SPEC = SweepSpec(
     name="student_size",
     description=__doc__.split("\n\n")[0],
-    space={
-        "student.n_layer": Choice([1, 2, 3, 4]),
-        "student.n_embd": Choice([64, 128, 192, 256]),  # the default teacher's head size is 64
-    },
+    space=SPACE,
     objectives=["acc_mean"],
     budget={"smoke": 2, "demo": 8, "full": 16},
     fixed={"loss.temperature": 2.0, "loss.kd_weight": 0.5},
@@ -35,7 +37,7 @@ SPEC = SweepSpec(
     points=[{"student.n_layer": 2, "student.n_embd": 128}],
     # The smoke preset's tiny teacher has a head size of 32: widths in its multiples.
     preset_space={"smoke": {"student.n_layer": Choice([1, 2]), "student.n_embd": Choice([32, 64])},
-                  "demo": {"student.n_layer": Choice([1, 2, 3]), "student.n_embd": Choice([64, 128, 192, 256])}},
+                  "demo": {**SPACE, "student.n_layer": Choice([1, 2, 3])}},
     preset_points={"smoke": [{"student.n_layer": 1, "student.n_embd": 32}]},
 )
 

@@ -98,9 +98,9 @@ class MLflowTrials(Callback):
             self._teacher_logged = True
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        step = (trial.last_result or {}).get("step")
-        if step is not None and not (trial.last_result or {}).get("kd_final"):
-            self.tracker.client.set_tag(self._run(trial), "kd.checkpoint_step", str(int(step)))
+        last = trial.last_result or {}
+        if last.get("step") is not None and not last.get("kd_final"):
+            self.tracker.client.set_tag(self._run(trial), "kd.checkpoint_step", str(int(last["step"])))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run(trial)
