@@ -129,3 +129,65 @@ def bucket_log_probs(values: Tensor, tail_lse: Tensor, temperature: float) -> tu
     head = values.float() / temperature  # (N, k)
     log_a = torch.logaddexp(torch.logsumexp(head, -1), tail_lse)  # (N,) full log-partition A(1/T)
     return head - log_a.unsqueeze(-1), tail_lse - log_a
+
+
+# --- The sampled tail (RS-KD, Anshumann et al. 2025) -------------------------------------
+#
+# The k + 1 buckets give the tail its exact mass but no shape: at T >= 4 most of p_T is in
+# the tail, and the bucket divergence cannot tell the student which tail tokens to raise
+# (grad_cos 0.52 at T = 4, V = 32k, k = 64: BENCHMARKS.md). So the format may also keep, per
+# token, S ids drawn with replacement from the teacher's tail at a proposal temperature
+# T_p (r(j) proportional to exp(z_j / T_p) outside the kept ids) with their raw logits. At a
+# training temperature T the tail's part of p_T is then estimated by self-normalised
+# importance weights: sample s gets p_tail * w_s / sum(w), w_s = exp((1/T - 1/T_p) z_s)
+# (r's normaliser cancels, so nothing more is stored). The estimate of the tail's gradient
+# is consistent and its bias O(1/S); at T = T_p the weights are equal (RS-KD's own case)
+# and the estimate is unbiased. The head and the tail's mass stay exact.
+
+
+def sample_tail(logits: Tensor, indices: Tensor, samples: int, proposal_temperature: float,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """``samples`` ids per row drawn from the teacher's tail at ``proposal_temperature``.
+
+    Args:
+        logits: raw teacher logits (N, V) (their fp16 rounding is used, as in :func:`compress`).
+        indices: the kept ids (N, k) int64, excluded from the draw.
+        samples: S >= 1 draws per row, with replacement.
+        proposal_temperature: T_p > 0 of the proposal r(j) ~ exp(z_j / T_p) on the tail.
+        generator: for reproducible draws (a cache must not change between builds).
+
+    Returns:
+        ``(ids (N, S) int64, values (N, S) fp16)``: the drawn ids and their raw logits. A row
+        whose tail is empty (only -inf logits outside S) gets the first kept id with a -inf
+        value, which carries zero weight.
+    """
+    z = logits.half().float().scatter(-1, indices, -math.inf)  # (N, V): the tail only
+    log_r = torch.log_softmax(z / proposal_temperature, dim=-1)
+    empty = ~torch.isfinite(log_r).any(-1)  # (N,)
+    probs = torch.where(empty.unsqueeze(-1), 1.0, log_r.exp())  # any valid rows for multinomial
+    ids = torch.multinomial(probs, samples, replacement=True, generator=generator)  # (N, S)
+    ids = torch.where(empty.unsqueeze(-1), indices[:, :1], ids)
+    values = torch.where(empty.unsqueeze(-1), -math.inf, logits.half().float().gather(-1, ids))
+    return ids, values.half()
+
+
+def sampled_targets(values: Tensor, tail_lse: Tensor, sample_values: Tensor, temperature: float,
+                    proposal_temperature: float) -> tuple[Tensor, Tensor]:
+    """The teacher's tempered target on the kept ids and the tail samples, (N, k + S) each.
+
+    Returns:
+        ``(p, log_p)``: ``p`` the target's probability per slot (head: p_T exact; samples:
+        the tail's mass p_tail(T) split by self-normalised importance weights; a slot may
+        repeat an id, scatter-adding is the intended sum) and ``log_p`` the teacher's exact
+        tempered log-probability of the slot's token, log p_T(j) = z_j / T - A(1/T). Rows sum
+        to 1 (up to rounding) unless the tail is empty, where the head alone sums to 1.
+    """
+    head = values.float() / temperature  # (N, k)
+    log_a = torch.logaddexp(torch.logsumexp(head, -1), tail_lse).unsqueeze(-1)  # (N, 1): A(1/T)
+    log_head, log_tail = head - log_a, tail_lse.unsqueeze(-1) - log_a  # (N, k), (N, 1)
+    z = sample_values.float()
+    finite = torch.isfinite(z)
+    log_samples = torch.where(finite, z / temperature - log_a, -math.inf)  # (N, S) exact log p_T
+    log_w = torch.where(finite, (1.0 / temperature - 1.0 / proposal_temperature) * z, -math.inf)
+    w = torch.softmax(log_w, dim=-1).nan_to_num_(0.0)  # an all -inf row (empty tail): no weight
+    return torch.cat([log_head.exp(), log_tail.exp() * w], -1), torch.cat([log_head, log_samples], -1)

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd.compact import bucket_log_probs, interpolate
+from kd.compact import bucket_log_probs, interpolate, sampled_targets
 from kd.losses_chunked import chunked_loss, should_chunk
 from kd.losses_fused import FusedForwardKL
 
@@ -333,6 +333,9 @@ def distillation_loss(
     topk_tail_lse: Tensor | None = None,
     topk_tail_slope: Tensor | None = None,
     tail_betas: tuple[float, ...] | None = None,
+    tail_sample_indices: Tensor | None = None,
+    tail_sample_values: Tensor | None = None,
+    proposal_temperature: float | None = None,
     temperature: float,
     kd_weight: float,
     divergence: str = "forward_kl",
@@ -357,6 +360,11 @@ def distillation_loss(
             truncated teacher (renormalised over its k logits).
         topk_tail_slope: its slopes (B, T, G), to interpolate between grid points.
         tail_betas: the grid's inverse temperatures (G,), ascending.
+        tail_sample_indices: the compact format's sampled tail (:func:`kd.compact.sample_tail`):
+            ids (B, T, S) drawn from the teacher's tail at ``proposal_temperature``; with
+            them the tail's shape is estimated by importance weights (forward KL only).
+        tail_sample_values: the teacher's raw logits at those ids (B, T, S).
+        proposal_temperature: the temperature the samples were drawn at.
         temperature: T > 0, applied to teacher and student alike.
         kd_weight: in [0, 1]; 0 never reads the teacher tensors (they may be None).
         divergence: one of :data:`DIVERGENCES`.
@@ -385,7 +393,7 @@ def distillation_loss(
     n = labels.numel()
     student = student_logits.reshape(n, vocab)
     labels = labels.reshape(-1)
-    teacher = idx = val = tail = None
+    teacher = idx = val = tail = target = None
     if kd_weight > 0:
         keep = labels != IGNORE_INDEX
         teacher = None if teacher_logits is None else teacher_logits.reshape(n, vocab)
@@ -401,11 +409,35 @@ def distillation_loss(
             slope = None if topk_tail_slope is None else topk_tail_slope.reshape(n, -1)
             tail = interpolate(topk_tail_lse.reshape(n, -1), slope, tuple(tail_betas), 1.0 / temperature)
             tail = torch.where(keep, tail, 0.0)  # masked rows may hold anything
+        if tail_sample_indices is not None:
+            idx, val, target = _sampled_slots(idx, val, tail, keep, tail_sample_indices, tail_sample_values,
+                                              proposal_temperature, temperature, divergence, n)
+            tail = None
 
     args = (temperature, kd_weight, divergence, jsd_beta, skew_alpha)
     if should_chunk(chunk_tokens, n, vocab):
-        return chunked_loss(student, labels, teacher, idx, val, tail, args, chunk_tokens)
-    return loss_rows(student, labels, teacher, idx, val, tail, *args)
+        return chunked_loss(student, labels, teacher, idx, val, tail, args, chunk_tokens, target)
+    return loss_rows(student, labels, teacher, idx, val, tail, *args, target=target)
+
+
+def _sampled_slots(idx: Tensor | None, val: Tensor | None, tail: Tensor | None, keep: Tensor, sample_idx: Tensor,
+                   sample_val: Tensor | None, proposal_temperature: float | None, temperature: float,
+                   divergence: str, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(slot ids (N, k + S), exact log p_T per slot, target per slot) of head + sampled tail."""
+    if tail is None or idx is None or val is None:
+        raise ValueError("tail samples need the compact format: topk_indices, topk_values and topk_tail_lse")
+    if sample_val is None or sample_val.shape != sample_idx.shape or sample_idx.reshape(-1, sample_idx.shape[-1]).shape[0] != n:
+        raise ValueError(f"tail_sample_indices {tuple(sample_idx.shape)} need tail_sample_values of the same "
+                         "shape (B, T, S)")
+    if divergence != "forward_kl":
+        raise ValueError(f"divergence={divergence!r} is not allowed with a sampled tail: importance weights "
+                         "estimate E_p[.] terms, i.e. forward_kl only; use forward_kl or a cache without tail samples")
+    if not (proposal_temperature and proposal_temperature > 0):
+        raise ValueError(f"proposal_temperature={proposal_temperature!r} is not allowed: a sampled tail needs the "
+                         "temperature (> 0) it was drawn at")
+    sid = torch.where(keep.unsqueeze(-1), sample_idx.reshape(n, -1).long(), 0)
+    target, log_p = sampled_targets(val, tail, sample_val.reshape(n, -1), temperature, proposal_temperature)
+    return torch.cat([idx, sid], -1), log_p, target
 
 
 def _check_ids(idx: Tensor, vocab: int) -> None:
@@ -422,18 +454,19 @@ def _check_ids(idx: Tensor, vocab: int) -> None:
 
 def loss_rows(student: Tensor, labels: Tensor, teacher: Tensor | None, idx: Tensor | None, val: Tensor | None,
               tail: Tensor | None, temperature: float, kd_weight: float, divergence: str, jsd_beta: float,
-              skew_alpha: float, count: Tensor | None = None) -> LossParts:
+              skew_alpha: float, count: Tensor | None = None, target: Tensor | None = None) -> LossParts:
     """The loss on (N, V) rows whose targets are checked: teacher (N, V) or idx/val (N, k)
     (+ tail (N,), B(1/T)); masked rows (label -100) stay in and are zeroed by weights.
     ``count`` divides the sums (default: this batch's unmasked rows; a chunk passes the
-    whole batch's)."""
+    whole batch's). ``target`` (N, m): an explicit sparse target at ``idx`` with the
+    teacher's exact log-probs in ``val`` (forward KL only: :func:`_sampled_slots`)."""
     if count is None:
         count = (labels != IGNORE_INDEX).sum().clamp(min=1)
     if kd_weight == 0:  # cross-entropy only: the teacher tensors are never read
         return LossParts(*FusedForwardKL.apply(student, labels, None, None, None, temperature, 0.0, None, count))
     if divergence == "forward_kl":  # Hinton's loss, the default: one fused node (kd.losses_fused)
         return LossParts(*FusedForwardKL.apply(student, labels, teacher, idx, val, temperature, kd_weight, tail,
-                                               count))
+                                               count, target))
     keep = labels != IGNORE_INDEX
     ce = FusedForwardKL.apply(student, labels, None, None, None, 1.0, 0.0, None, count)[1]
     # Masked rows may hold anything (padding, inf): replace them by zeros before the (N, V)

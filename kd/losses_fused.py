@@ -25,6 +25,10 @@ distribution on k + 1 buckets, the student's bucket being its mass outside the i
     KL = sum_S p_i log(p_i / q_i) + p_tail log(p_tail / q_tail)
     d(T^2 KL)/ds_j = T (q_j - p_j) on S,   T q_j (1 - p_tail / q_tail) off S
 
+With a sampled tail (:func:`kd.compact.sampled_targets`) the target is explicit: the head's
+exact p_T and the tail's mass split over S drawn ids, (N, k + S) summing to 1, so the
+gradient is the sparse one, T (q_T - target), scattered onto the slots.
+
 Values and gradients equal :func:`kd.losses.distillation_loss`'s reference path
 (tests/test_losses.py, tests/test_compact.py).
 """
@@ -65,7 +69,8 @@ class FusedForwardKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student: Tensor, labels: Tensor, teacher: Tensor | None, idx: Tensor | None,
                 val: Tensor | None, temperature: float, kd_weight: float,
-                tail_lse: Tensor | None = None, count: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                tail_lse: Tensor | None = None, count: Tensor | None = None,
+                target: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         keep = labels != -100  # (N,)
         # A chunk of a batch (kd.losses_chunked) divides by the whole batch's count.
         count = (keep.sum().clamp(min=1) if count is None else count).to(torch.float32)
@@ -81,6 +86,11 @@ class FusedForwardKL(torch.autograd.Function):
             if teacher is not None:
                 log_p = torch.log_softmax(teacher.to(torch.float32, copy=True).div_(T), dim=-1)  # (N, V)
                 kd_rows, p = _kl_rows(log_p, log_q_t)
+            elif target is not None:  # an explicit sparse target: head + sampled tail
+                # ``target`` (N, m) sums to 1 per row, ``val`` holds the teacher's exact log p_T
+                # of each slot (kd.compact.sampled_targets): KL estimated on the slots.
+                p = target
+                kd_rows = torch.where(p > 0, p * (val - log_q_t.gather(-1, idx)), 0.0).sum(-1)
             elif tail_lse is None:  # the truncated teacher on its k kept ids
                 log_p = torch.log_softmax(val.to(torch.float32, copy=True).div_(T), dim=-1)  # (N, k)
                 kd_rows, p = _kl_rows(log_p, log_q_t.gather(-1, idx))
@@ -125,4 +135,4 @@ class FusedForwardKL(torch.autograd.Function):
                 else:
                     grad.scatter_add_(-1, idx, p * -w_kd)
         grad.masked_fill_(~keep.unsqueeze(-1), 0.0)  # masked rows: whatever they held, no gradient
-        return grad.to(ctx.student_dtype), None, None, None, None, None, None, None, None
+        return grad.to(ctx.student_dtype), None, None, None, None, None, None, None, None, None
