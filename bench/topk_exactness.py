@@ -8,12 +8,18 @@ Methods, each against the dense teacher (all V logits, fp16 as a dense cache hol
                exact tempered teacher on k + 1 buckets (+ 8 bytes per grid point). Rows at
                temperatures between grid points (``on_grid: false``) measure the
                interpolation.
+- ``sampled``  compact + S ids drawn from the teacher's tail at a proposal temperature,
+               with their logits (RS-KD; :func:`kd.compact.sample_tail`): the tail's shape
+               by importance weights (+ S ids and S fp16 per token).
 
 ``grad_cos`` is the cosine between the gradient of the kd loss (kd_weight = 1, T^2 * D)
 wrt the PARAMETERS of a small real student from the method and from dense: a 2-layer
 GPT-2 (d = 64) on one batch of ``--tokens`` token positions, whose logits are its own
 plus a fixed offset that makes it a partly trained student (0.8 * teacher + N(0, 1.5^2):
-top-1 agreement about one half). ``logit_grad_cos`` is the same on the logits.
+top-1 agreement about one half). ``logit_grad_cos`` is the same on the logits. A sampled
+tail is a random estimate: ``grad_cos`` is one draw's (what one batch sees),
+``grad_cos_mean`` that of the mean gradient over ``--draws`` independent draws (the bias
+that many steps do not average away; equal to ``grad_cos`` for the other methods).
 
     python bench/topk_exactness.py --quick --json out.json        # V = 32000, < 1 min
     python bench/topk_exactness.py --json all.json                # V in {2048, 32000, 128256}
@@ -35,10 +41,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kd.compact import compress, temperature_grid
+from kd.compact import compress, sample_tail, temperature_grid
 from kd.losses import DIVERGENCES, distillation_loss
 
-QUICK = dict(vocabs="32000", temperatures="1,2,4,8", ks="64", tokens=2048, grid_points=5)
+QUICK = dict(vocabs="32000", temperatures="1,2,4,8", ks="64", tokens=2048, grid_points=5, samples=64, draws=2)
 
 
 def synthetic_teacher(n_tokens: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
@@ -106,14 +112,17 @@ class Student:
         return torch.cat([g.flatten().double() for g in g_params]), g_logits, kd.item()
 
 
-def bytes_per_token(method: str, vocab: int, k: int, grid: int) -> int:
+def bytes_per_token(method: str, vocab: int, k: int, grid: int, samples: int = 0) -> int:
     ids = 2 if vocab <= 32768 else 4  # int16 ids while they fit (kd.soft_labels)
-    return {"dense": 2 * vocab, "topk": k * (2 + ids), "compact": k * (2 + ids) + 8 * grid}[method]
+    compact = k * (2 + ids) + 8 * grid
+    return {"dense": 2 * vocab, "topk": k * (2 + ids), "compact": compact,
+            "sampled": compact + samples * (2 + ids)}[method]
 
 
 def measure(teacher: torch.Tensor, temperatures: list[float], ks: list[int], divergences: list[str],
-            grid_points: int, t_range: tuple[float, float], seed: int, source: str) -> list[dict]:
-    """One row per (divergence, T, method, k)."""
+            grid_points: int, t_range: tuple[float, float], seed: int, source: str, samples: int = 0,
+            proposal: float = 2.0, draws: int = 1) -> list[dict]:
+    """One row per (divergence, T, method, k); ``sampled`` rows when ``samples`` > 0."""
     gen = torch.Generator().manual_seed(seed)
     teacher = teacher.half().float()  # what any cache holds
     n, vocab = teacher.shape
@@ -121,6 +130,8 @@ def measure(teacher: torch.Tensor, temperatures: list[float], ks: list[int], div
     labels = torch.zeros((1, n), dtype=torch.long)
     betas = temperature_grid(*t_range, grid_points)
     packs = {k: compress(teacher, k, betas) for k in ks if k < vocab}
+    tails = {k: [sample_tail(teacher, pack[1], samples, proposal, torch.Generator().manual_seed(seed + 1 + d))
+                 for d in range(draws)] for k, pack in packs.items()} if samples else {}
     rows = []
     for div in divergences:
         for t in temperatures:
@@ -131,7 +142,7 @@ def measure(teacher: torch.Tensor, temperatures: list[float], ks: list[int], div
             ref_p, ref_l, ref_loss = student.grads(lambda s: kd(s, teacher_logits=teacher[None]))
             on_grid = any(math.isclose(1 / t, b, rel_tol=1e-9) for b in betas)
             rows.append(_row(source, vocab, div, t, "dense", vocab, grid_points, on_grid, ref_loss, ref_loss,
-                             ref_p, ref_p, ref_l, ref_l, 1.0))
+                             ref_p, ref_p, ref_l, ref_l, 1.0, ref_p))
             for k, (values, idx, lse, slope) in packs.items():
                 mass = F.softmax(teacher / t, -1).gather(-1, idx).sum(-1).mean().item()
                 sparse = dict(topk_indices=idx[None], topk_values=values[None])
@@ -139,33 +150,48 @@ def measure(teacher: torch.Tensor, temperatures: list[float], ks: list[int], div
                 for method, targets in (("topk", sparse), ("compact", compact)):
                     g_p, g_l, loss = student.grads(lambda s: kd(s, **targets))
                     rows.append(_row(source, vocab, div, t, method, k, grid_points, on_grid, loss, ref_loss,
-                                     g_p, ref_p, g_l, ref_l, mass))
+                                     g_p, ref_p, g_l, ref_l, mass, g_p))
+                if k in tails and div == "forward_kl":  # importance weights estimate E_p[.]: forward KL only
+                    runs = [student.grads(lambda s: kd(s, **compact, tail_sample_indices=sid[None],
+                                                       tail_sample_values=sval[None], proposal_temperature=proposal))
+                            for sid, sval in tails[k]]
+                    mean = torch.stack([r[0] for r in runs]).mean(0)
+                    g_p, g_l, loss = runs[0]
+                    rows.append(_row(source, vocab, div, t, "sampled", k, grid_points, on_grid, loss, ref_loss,
+                                     g_p, ref_p, g_l, ref_l, mass, mean, samples, proposal))
     return rows
 
 
-def _row(source, vocab, div, t, method, k, grid, on_grid, loss, ref_loss, g_p, ref_p, g_l, ref_l, mass) -> dict:
+def _row(source, vocab, div, t, method, k, grid, on_grid, loss, ref_loss, g_p, ref_p, g_l, ref_l, mass, g_mean,
+         samples=0, proposal=None) -> dict:
     g_l, ref_l = g_l.double().flatten(), ref_l.double().flatten()
+    size = bytes_per_token(method, vocab, k, grid, samples)
     return {
         "source": source, "vocab": vocab, "divergence": div, "temperature": t, "k": k, "method": method,
-        "bytes_per_token": bytes_per_token(method, vocab, k, grid),
-        "bytes_share": bytes_per_token(method, vocab, k, grid) / (2 * vocab),
-        "grid_points": grid if method == "compact" else 0, "on_grid": on_grid, "teacher_mass_topk": mass,
+        "samples": samples, "proposal_temperature": proposal,
+        "bytes_per_token": size, "bytes_share": size / (2 * vocab),
+        "grid_points": grid if method in ("compact", "sampled") else 0, "on_grid": on_grid, "teacher_mass_topk": mass,
         "loss_dense": ref_loss, "loss": loss, "loss_rel_err": abs(loss - ref_loss) / abs(ref_loss),
         "grad_cos": F.cosine_similarity(g_p, ref_p, dim=0).item(),
+        "grad_cos_mean": F.cosine_similarity(g_mean, ref_p, dim=0).item(),
         "logit_grad_cos": F.cosine_similarity(g_l, ref_l, dim=0).item(),
         "grad_rel_l2": ((g_l - ref_l).norm() / ref_l.norm()).item(),
     }
 
 
+def _method(r: dict) -> str:
+    return f"{r['method']} S={r['samples']}, T_p={r['proposal_temperature']:g}" if r["samples"] else r["method"]
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| source | V | div | T | on grid | method | k | bytes/token | % of dense | top-k mass | loss rel. err "
-             "| grad_cos (params) | grad_cos (logits) |",
-             "| --- | ---: | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| grad_cos (params) | grad_cos, mean of draws | grad_cos (logits) |",
+             "| --- | ---: | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['source'].split(' ')[0]} | {r['vocab']} | {r['divergence']} | {r['temperature']:g} | "
-                     f"{'yes' if r['on_grid'] else 'no'} | {r['method']} | {r['k']} | {r['bytes_per_token']} | "
+                     f"{'yes' if r['on_grid'] else 'no'} | {_method(r)} | {r['k']} | {r['bytes_per_token']} | "
                      f"{100 * r['bytes_share']:.2f} | {r['teacher_mass_topk']:.3f} | {r['loss_rel_err']:.2e} | "
-                     f"{r['grad_cos']:.5f} | {r['logit_grad_cos']:.5f} |")
+                     f"{r['grad_cos']:.5f} | {r['grad_cos_mean']:.5f} | {r['logit_grad_cos']:.5f} |")
     return "\n".join(lines)
 
 
@@ -182,10 +208,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ks", default="16,64,256", help="comma-separated k values")
     ap.add_argument("--grid", default="0.5,8", help="the compact grid's temperature range t_min,t_max")
     ap.add_argument("--grid-points", type=int, default=5)
+    ap.add_argument("--samples", type=int, default=64, help="tail samples per token of the sampled method (0 = none)")
+    ap.add_argument("--proposal-temperature", type=float, default=2.0, help="temperature the tail samples are drawn at")
+    ap.add_argument("--draws", type=int, default=4, help="independent tail draws for grad_cos_mean")
     ap.add_argument("--divergence", default="forward_kl", choices=[*DIVERGENCES, "all"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--quick", action="store_true", help="V = 32000, T in {1, 2, 4, 8}, k = 64: under a minute")
+    ap.add_argument("--quick", action="store_true", help="V = 32000, T in {1, 2, 4, 8}, k = 64, S = 64, 2 draws")
     ap.add_argument("--json", help="write the rows and the setup to this file")
     args = ap.parse_args(argv)
     if bool(args.teacher) != bool(args.data):
@@ -208,12 +237,14 @@ def main(argv: list[str] | None = None) -> None:
         gen = torch.Generator().manual_seed(args.seed)
         teachers = [(synthetic_teacher(args.tokens, int(v), gen), "synthetic") for v in args.vocabs.split(",")]
     for teacher, source in teachers:
-        rows += measure(teacher, temperatures, ks, divergences, args.grid_points, t_range, args.seed, source)
+        rows += measure(teacher, temperatures, ks, divergences, args.grid_points, t_range, args.seed, source,
+                        args.samples, args.proposal_temperature, args.draws)
     print(f"{len(rows)} rows in {time.perf_counter() - started:.0f} s; grid T in [{t_range[0]:g}, {t_range[1]:g}], "
           f"{args.grid_points} points; kd_weight = 1 (loss = T^2 * D); {args.tokens} tokens\n")
     print(markdown(rows))
     if args.json:
         setup = {"tokens": args.tokens, "grid": list(t_range), "grid_points": args.grid_points, "seed": args.seed,
+                 "samples": args.samples, "proposal_temperature": args.proposal_temperature, "draws": args.draws,
                  "argv": sys.argv[1:] if argv is None else argv, "source": [s for _, s in teachers]}
         Path(args.json).write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
         print(f"\nwrote {args.json}")
