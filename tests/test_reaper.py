@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -163,3 +164,44 @@ def test_group_watcher_ends_with_the_group():
         assert ui.poll() is None
     finally:
         _end(ui, [grandchild, watcher])
+
+
+@pytest.mark.slow
+def test_sigkilled_sweep_leaves_no_ray_process(tmp_path, cache_root):
+    """SIGKILL a smoke sweep's driver mid-trial: within 15 s no process of its Ray session is left
+    (the driver's descendants recorded just before the kill: GCS, raylet, agents, workers)."""
+    ray_tmp = tempfile.mkdtemp(prefix="kdr-", dir="/tmp")  # short: Ray's socket paths
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(KD_CACHE_DIR=str(cache_root), KD_RAY_TEMP_DIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0",
+               PYTHONUNBUFFERED="1")
+    out = tmp_path / "sweep"
+    log = open(tmp_path / "sweep.log", "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--preset", "smoke",
+                             "--no-report", "--trials", "2", "--output-dir", str(out), "--set", "train.steps=2000"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    driver = psutil.Process(proc.pid)
+    recorded: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 420
+        while not list((out / "ray_results").rglob("progress.csv")):  # a trial has reported: it is running
+            assert proc.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial reported in 420 s"
+            time.sleep(0.5)
+        recorded = driver.children(recursive=True)
+        names = set()
+        for p in recorded:
+            try:
+                names.add(p.name())
+            except psutil.Error:  # a worker that ended meanwhile
+                pass
+        assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::") for n in names), names
+        proc.kill()
+        proc.wait(timeout=10)
+        left = _wait_gone(recorded, 15)
+        assert left == [], f"alive 15 s after the driver's SIGKILL: {[(p.pid, p.name()) for p in left]}"
+    finally:
+        _kill(recorded)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
