@@ -4,8 +4,10 @@
 leaves them serving the port. So the server gets its own session (its own process group,
 and no Ctrl-C from the terminal's group: we decide when it stops), and whatever ends the
 parent (SIGTERM, SIGINT, SIGHUP, an exception, a normal exit) stops the whole group:
-SIGTERM first, SIGKILL after a grace period. On Linux the server also gets SIGTERM when
-the parent is SIGKILLed (``PR_SET_PDEATHSIG``), which no handler can catch.
+SIGTERM first, SIGKILL after a grace period. A SIGKILL, which no handler can catch, is
+answered by a watcher (:func:`kd.reaper.watch_group`) that stops the whole group the same
+way: the server's own ``PR_SET_PDEATHSIG`` (kept, on Linux) reaches only the server, and
+the job runner's huey consumers it forks outlived it by half a minute.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+
+from kd import reaper
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -75,15 +79,19 @@ def serve(cmd: Sequence[str], *, env: Mapping[str, str] | None = None) -> int:
         raise _Stop(signum)
 
     proc: subprocess.Popen | None = None
+    watcher: subprocess.Popen | None = None
     previous = {sig: signal.signal(sig, _raise) for sig in _STOP_SIGNALS}  # before the start: no gap
     try:
         proc = subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, start_new_session=True,
                                 preexec_fn=_die_with_parent)
+        watcher = reaper.watch_group(proc.pid)  # start_new_session: the server leads its group
         return proc.wait()
     except (_Stop, KeyboardInterrupt):
         return 0
     finally:
         if proc is not None:
             stop_group(proc)
+        if watcher is not None:
+            reaper.release(watcher)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

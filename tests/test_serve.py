@@ -39,6 +39,13 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _server(ui_pid: int) -> int:
+    """kd ui's child that is the mlflow server (its other child is the watcher, kd.reaper)."""
+    servers = [pid for pid in _children(ui_pid) if b"mlflow" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(servers) == 1, servers
+    return servers[0]
+
+
 def _group_members(pgid: int) -> list[int]:
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -85,9 +92,7 @@ def test_signal_to_kd_ui_stops_the_mlflow_server_group(tmp_path, sig):
             assert ui.poll() is None, (tmp_path / "ui.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "mlflow server did not answer /health in 120 s"
             time.sleep(0.5)
-        servers = _children(ui.pid)
-        assert len(servers) == 1
-        server_pgid = os.getpgid(servers[0])
+        server_pgid = os.getpgid(_server(ui.pid))
         assert server_pgid != os.getpgid(ui.pid)  # the server has a group of its own
         assert len(_group_members(server_pgid)) >= 1
 
@@ -105,25 +110,30 @@ def test_signal_to_kd_ui_stops_the_mlflow_server_group(tmp_path, sig):
 
 
 def test_kd_ui_killed_takes_its_server_down(tmp_path):
-    """SIGKILL cannot be handled; PR_SET_PDEATHSIG still tells the server to stop."""
+    """SIGKILL cannot be handled: kd ui's watcher (kd.reaper) stops the server's whole group, the
+    job runner's huey consumers included (the server's PR_SET_PDEATHSIG alone left them 30 s), then exits."""
     port = _free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     ui = subprocess.Popen([sys.executable, "-m", "kd.cli", "ui", "--store", f"sqlite:///{tmp_path}/mlflow.db",
                            "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                           start_new_session=True)
-    server_pgid = None
+    server_pgid = watcher_pgid = None
     try:
         deadline = time.monotonic() + 120
         while not _healthy(port):
             assert ui.poll() is None and time.monotonic() < deadline
             time.sleep(0.5)
-        server_pgid = os.getpgid(_children(ui.pid)[0])
+        server = _server(ui.pid)
+        server_pgid = os.getpgid(server)
+        (watcher,) = [pid for pid in _children(ui.pid) if pid != server]
+        watcher_pgid = os.getpgid(watcher)
         ui.kill()
         ui.wait(timeout=10)
         deadline = time.monotonic() + 15
-        while _group_members(server_pgid) and time.monotonic() < deadline:
+        while (_group_members(server_pgid) or _group_members(watcher_pgid)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _group_members(server_pgid) == []
+        assert _group_members(watcher_pgid) == [], "the watcher ends once the server's group is gone"
     finally:
-        _kill_groups(server_pgid, ui.pid)
+        _kill_groups(server_pgid, watcher_pgid, ui.pid)
         ui.wait(timeout=10)

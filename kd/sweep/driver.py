@@ -32,6 +32,7 @@ os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
 
+from kd import reaper  # noqa: E402
 from kd.config import KDConfig, apply_overrides  # noqa: E402
 from kd.sweep import finalists, trial  # noqa: E402
 from kd.sweep.mlflow import MLflowTrials  # noqa: E402
@@ -40,6 +41,9 @@ from kd.sweep.search import pruning, searcher, to_tune  # noqa: E402
 from kd.sweep.spec import (META, SweepError, SweepOptions, SweepSpec, base_dict, check_objectives,  # noqa: E402
                            check_space, space_to_json)
 from kd.sweep.util import dump_json, preflight  # noqa: E402
+
+#: The watcher of the local Ray session this process started (None: none started, or a cluster).
+_reaper = None
 
 
 def _ray_init(address: str | None) -> None:
@@ -51,8 +55,20 @@ def _ray_init(address: str | None) -> None:
     else:  # never a bare ray.init(): it may attach to another Ray on this machine
         temp = os.environ.get("KD_RAY_TEMP_DIR")
         _loopback_only()
-        ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env}, **({"_temp_dir": temp} if temp else {}))
+        ctx = ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                       runtime_env={"env_vars": env}, **({"_temp_dir": temp} if temp else {}))
+        # Ray's agents outlive a SIGKILLed driver by a minute: a watcher ends them (kd.reaper).
+        global _reaper
+        _reaper = reaper.watch_ray_session(ctx.address_info["session_dir"])
+
+
+def _ray_shutdown() -> None:
+    """Stop the local Ray this process started, then release its watcher."""
+    global _reaper
+    ray.shutdown()
+    if _reaper is not None:
+        reaper.release(_reaper)
+        _reaper = None
 
 
 def _loopback_only() -> None:
@@ -277,7 +293,7 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
         raise
     finally:
         if not options.address:
-            ray.shutdown()
+            _ray_shutdown()
 
     from kd.sweep import latency
 
