@@ -77,25 +77,60 @@ def model_logits(model_dir: str, ids: torch.Tensor, vocab: int) -> torch.Tensor:
     return out.reshape(-1, out.shape[-1])[:, :vocab]  # cut padded rows to the tokenizer length
 
 
-def real_teacher(args: argparse.Namespace) -> tuple[torch.Tensor, str]:
+def real_teacher(args: argparse.Namespace) -> tuple[torch.Tensor, str, dict]:
+    """The teacher's logits on the first ``--tokens`` positions of ``--data``, and the
+    student's blocks: those positions and, after them, its training blocks."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.teacher)
-    ids = torch.tensor(tok(_read_text(Path(args.data))[: 40 * args.tokens * 8])["input_ids"])
-    n_blocks = max(1, min(len(ids) // args.block_size, math.ceil(args.tokens / args.block_size)))
-    ids = ids[: n_blocks * args.block_size].reshape(n_blocks, -1)
+    n_train, L = 8 * args.student_steps, args.block_size
+    ids = torch.tensor(tok(_read_text(Path(args.data))[: 8 * (args.tokens + (n_train + 1) * (L + 1))])["input_ids"])
+    n_blocks = max(1, min(len(ids) // L, math.ceil(args.tokens / L)))
+    rest = ids[n_blocks * L:]  # the student's training text: after the measured positions
+    train = rest[: len(rest) // (L + 1) * (L + 1)].reshape(-1, L + 1)
+    ids = ids[: n_blocks * L].reshape(n_blocks, L)
     teacher = model_logits(args.teacher, ids, len(tok))[: args.tokens]
-    return teacher, f"teacher {args.teacher} on {args.data}"
+    return teacher, f"teacher {args.teacher} on {args.data}", {"ids": ids, "train": train}
+
+
+def trained_student(vocab: int, train: torch.Tensor, steps: int, seed: int):
+    """A real partly trained student: GPT-2 1 x 256, ``steps`` CE steps of 8 blocks, AdamW 1e-3."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=train.shape[1], n_embd=256, n_layer=1,
+                                       n_head=4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        rows = torch.randint(0, len(train), (8,), generator=gen)
+        logits = model(train[rows, :-1]).logits[..., :vocab]
+        loss = F.cross_entropy(logits.reshape(-1, vocab), train[rows, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
 
 
 class Student:
-    """A 2-layer GPT-2 (d = 64) + a fixed logit offset; gradients on its parameters."""
+    """Gradients on a small real student's parameters.
 
-    def __init__(self, offset: torch.Tensor, seed: int):
+    Synthetic teachers: a 2-layer GPT-2 (d = 64) on random ids + a fixed logit offset that
+    makes it a partly trained student (its errors are i.i.d. on every logit). A real
+    teacher (``data``): :func:`trained_student` on the teacher's own text, no offset (its
+    errors are a real model's).
+    """
+
+    def __init__(self, offset: torch.Tensor, seed: int, data: dict | None = None, steps: int = 0):
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        torch.manual_seed(seed)
         n, vocab = offset.shape
+        if data is not None:
+            self.model = trained_student(vocab, data["train"], steps, seed)
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
+            self.logits = self.model(data["ids"]).logits[..., :vocab].reshape(-1, vocab)[:n]
+            return
+        torch.manual_seed(seed)
         block = 256 if n % 256 == 0 else n
         cfg = GPT2Config(vocab_size=vocab, n_positions=block, n_embd=64, n_layer=2, n_head=2)
         self.model = GPT2LMHeadModel(cfg)
@@ -121,12 +156,14 @@ def bytes_per_token(method: str, vocab: int, k: int, grid: int, samples: int = 0
 
 def measure(teacher: torch.Tensor, temperatures: list[float], ks: list[int], divergences: list[str],
             grid_points: int, t_range: tuple[float, float], seed: int, source: str, samples: int = 0,
-            proposal: float = 2.0, draws: int = 1) -> list[dict]:
+            proposal: float = 2.0, draws: int = 1, student_data: dict | None = None, student_steps: int = 0
+            ) -> list[dict]:
     """One row per (divergence, T, method, k); ``sampled`` rows when ``samples`` > 0."""
     gen = torch.Generator().manual_seed(seed)
     teacher = teacher.half().float()  # what any cache holds
     n, vocab = teacher.shape
-    student = Student(perturbed_student(teacher, gen), seed)
+    student = Student(perturbed_student(teacher, gen) if student_data is None else teacher, seed, student_data,
+                      student_steps)
     labels = torch.zeros((1, n), dtype=torch.long)
     betas = temperature_grid(*t_range, grid_points)
     packs = {k: compress(teacher, k, betas) for k in ks if k < vocab}
@@ -202,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=2048, help="token positions in the batch")
     ap.add_argument("--vocabs", default="2048,32000,128256", help="synthetic vocabulary sizes")
     ap.add_argument("--block-size", type=int, default=128, help="tokens per block fed to --teacher")
+    ap.add_argument("--student-steps", type=int, default=60,
+                    help="with --teacher: CE steps of the real student (GPT-2 1 x 256) on the teacher's text")
     ap.add_argument("--temperatures", default="0.5,1,2,4,8")
     ap.add_argument("--extra-temperatures", default="0.71,1.41,2.83,5.66",
                     help="more temperatures (between the grid's points by default)")
@@ -235,17 +274,18 @@ def main(argv: list[str] | None = None) -> None:
         teachers = [real_teacher(args)]
     else:
         gen = torch.Generator().manual_seed(args.seed)
-        teachers = [(synthetic_teacher(args.tokens, int(v), gen), "synthetic") for v in args.vocabs.split(",")]
-    for teacher, source in teachers:
+        teachers = [(synthetic_teacher(args.tokens, int(v), gen), "synthetic", None) for v in args.vocabs.split(",")]
+    for teacher, source, student_data in teachers:
         rows += measure(teacher, temperatures, ks, divergences, args.grid_points, t_range, args.seed, source,
-                        args.samples, args.proposal_temperature, args.draws)
+                        args.samples, args.proposal_temperature, args.draws, student_data, args.student_steps)
     print(f"{len(rows)} rows in {time.perf_counter() - started:.0f} s; grid T in [{t_range[0]:g}, {t_range[1]:g}], "
           f"{args.grid_points} points; kd_weight = 1 (loss = T^2 * D); {args.tokens} tokens\n")
     print(markdown(rows))
     if args.json:
         setup = {"tokens": args.tokens, "grid": list(t_range), "grid_points": args.grid_points, "seed": args.seed,
                  "samples": args.samples, "proposal_temperature": args.proposal_temperature, "draws": args.draws,
-                 "argv": sys.argv[1:] if argv is None else argv, "source": [s for _, s in teachers]}
+                 "argv": sys.argv[1:] if argv is None else argv, "source": [s for _, s, _ in teachers],
+                 "student": "trained" if args.teacher else "offset", "student_steps": args.student_steps}
         Path(args.json).write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
         print(f"\nwrote {args.json}")
 
