@@ -12,9 +12,7 @@ import ast
 import dataclasses
 import difflib
 import functools
-import hashlib
 import inspect
-import json
 import math
 import os
 import typing
@@ -554,10 +552,3 @@ def validate(cfg: KDConfig) -> None:
     _check_choice("train.precision", tr.precision, PRECISIONS)
     _check_choice("train.compile", tr.compile, COMPILE_MODES)
 
-
-def fingerprint(obj: Any) -> str:
-    """A short stable hash of a config (or any JSON-able value) for cache keys."""
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]

@@ -11,9 +11,6 @@ tokenizer, so every trial of a sweep reuses them.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from kd.config import ConfigError, DataConfig, fingerprint
+from kd.cache import atomic_file, fingerprint
+from kd.config import ConfigError, DataConfig
 from kd.paths import cache_dir
 
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -114,8 +112,8 @@ def _pack(texts: list[str], tokenizer: PreTrainedTokenizerBase, block_size: int)
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of the tokenizer's full definition (vocab, merges, normalisation, specials)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    blob = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    definition = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    return fingerprint({"kind": "tokenizer", "definition": definition})
 
 
 def blocks_fingerprint(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> str:
@@ -155,8 +153,6 @@ def load_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Blocks:
     if test is not None and len(test):
         tensors["test"] = test
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent trial sees the whole file or none
+    with atomic_file(path) as tmp:  # a concurrent trial sees the whole file or none
+        save_file(tensors, str(tmp))
     return Blocks(train, val, tensors.get("test"))

@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import torch
 
-from kd.config import KDConfig, fingerprint
+from kd.cache import fingerprint, write_atomic
+from kd.config import KDConfig
 from kd.data import load_blocks
 from kd.models import build_student, check_same_tokenizer, load_pretrained, load_tokenizer
 from kd.paths import cache_dir
@@ -69,9 +70,7 @@ def teacher_metrics(teacher: torch.nn.Module | None, tokenizer: Any, teacher_sou
     metrics = evaluate_model(teacher, tokenizer, cfg)
     metrics["val_loss"] = validation_loss(teacher, val_blocks, len(tokenizer), device=device, precision=cfg.train.precision)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(metrics, indent=1).encode())
     return metrics
 
 

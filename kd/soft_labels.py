@@ -39,7 +39,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +48,11 @@ import numpy as np
 import torch
 from safetensors.numpy import save as save_numpy
 
+from kd.cache import file_digest, fingerprint, temp_dir_beside
 from kd.cache import publish_dir as _publish
 from kd.cache import sha256_file as _sha256_file
-from kd.cache import write_atomic as _write_atomic
 from kd.compact import compress, temperature_grid
-from kd.config import ConfigError, KDConfig, fingerprint
+from kd.config import ConfigError, KDConfig
 from kd.paths import cache_dir
 
 FORMAT = 1
@@ -86,8 +85,9 @@ def weights_fingerprint(source: str) -> str:
     """A hash of the teacher's weights: sha256 over its safetensors files (names and bytes).
 
     For a hub id, the files of the locally cached snapshot. The full hash of a large
-    teacher takes a while (~1 GB/s), so it is remembered per file path, size and mtime in
-    ``cache_dir()/soft_labels/weights.json``: a trial only stats the files.
+    teacher takes a while (~1 GB/s), so it is remembered per file identity (path, size,
+    inode, mtime, ctime) in ``cache_dir()/file_digests.json`` (:func:`kd.cache.file_digest`):
+    a trial only stats the files.
     """
     root = Path(source).expanduser()
     if not root.is_dir():
@@ -100,22 +100,8 @@ def weights_fingerprint(source: str) -> str:
     files = sorted(root.glob("*.safetensors"))
     if not files:
         raise SoftLabelsError(f"teacher {source!r} has no .safetensors weights to fingerprint")
-    memo_path = cache_dir() / "soft_labels" / "weights.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    parts, changed = [], False
-    for f in files:
-        st = f.stat()
-        ident = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        if ident not in memo:
-            memo[ident], changed = _sha256_file(f), True
-        parts.append((f.name, memo[ident]))
-    if changed:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(memo_path, json.dumps(memo, indent=1).encode())
-    return fingerprint({"weights": parts})
+    memo = cache_dir() / "file_digests.json"
+    return fingerprint({"weights": [(f.name, file_digest(f, memo)) for f in files]})
 
 
 def resolve_format(cfg: KDConfig, n_vocab: int) -> tuple[str, int]:
@@ -306,13 +292,7 @@ def write_cache(path: Path, key: dict[str, Any], batches: Iterable[dict[str, np.
     If ``path`` holds a bad cache it is moved aside first; if another process published a
     cache there meanwhile, theirs is kept and ours dropped.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
-    # mkdtemp makes it 0700; a cache on shared storage must be readable by the cluster's
-    # other nodes (and users), as the umask allows for any directory.
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    tmp = temp_dir_beside(path)  # readable by the cluster's other nodes, as the umask allows
     shards: list[dict[str, Any]] = []
     pending: list[dict[str, np.ndarray]] = []
     seen = np.zeros(n_blocks, dtype=bool)

@@ -9,16 +9,14 @@ the data it learns from and the tokenizer, so every trial of every sweep shares 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedTokenizerBase
 
-from kd.config import KDConfig, LossConfig, TrainConfig, fingerprint
+from kd.cache import building_dir, fingerprint
+from kd.config import KDConfig, LossConfig, TrainConfig
 from kd.data import Blocks, blocks_fingerprint, load_blocks
 from kd.paths import cache_dir
 from kd.train import train
@@ -36,24 +34,22 @@ def data_tokenizer(cfg: KDConfig) -> PreTrainedTokenizerBase:
     # A user's own corpus: train the same byte-level BPE the world uses on its training
     # split, cached by the data settings (the texts behind them do not change).
     path = cache_dir() / "tokenizers" / fingerprint({"data": asdict(cfg.data), "vocab": TEXT_VOCAB_SIZE})
-    if not (path / "tokenizer.json").exists():
+    if not _tokenizer_complete(path):
         from kd.data import load_texts
         from kd.world import train_tokenizer
 
         tok = train_tokenizer(load_texts(cfg.data)["train"], vocab_size=TEXT_VOCAB_SIZE)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-        tok.save_pretrained(tmp)
-        _publish(tmp, path)
+        with building_dir(path, complete=_tokenizer_complete) as tmp:
+            tok.save_pretrained(tmp)
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _publish(tmp: Path, path: Path) -> None:
-    """Rename a finished temp dir into place; if another process won the race, keep theirs."""
-    try:
-        os.replace(tmp, path)  # atomic: concurrent trials see the whole thing or nothing
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _tokenizer_complete(path: Path) -> bool:
+    return (path / "tokenizer.json").exists()
+
+
+def _teacher_complete(path: Path) -> bool:
+    return (path / "model.safetensors").exists()
 
 
 def _model_config(cfg: KDConfig, tokenizer: PreTrainedTokenizerBase):
@@ -92,7 +88,7 @@ def ensure_teacher(cfg: KDConfig, *, progress: bool = False, blocks: Blocks | No
         return cfg.teacher.source
     tokenizer = data_tokenizer(cfg)
     path = cache_dir() / "teachers" / teacher_fingerprint(cfg, tokenizer)
-    if (path / "model.safetensors").exists():
+    if _teacher_complete(path):
         return str(path)
     from transformers import AutoModelForCausalLM
 
@@ -105,10 +101,8 @@ def ensure_teacher(cfg: KDConfig, *, progress: bool = False, blocks: Blocks | No
     history: list[dict] = []
     train(model, blocks.train, blocks.val, n_vocab=len(tokenizer), loss_cfg=LossConfig(kd_weight=0.0),
           cfg=teacher_train_config(cfg), report=lambda m, _c: history.append(m), progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)  # safetensors
-    tokenizer.save_pretrained(tmp)
-    (tmp / "teacher.json").write_text(json.dumps({"config": asdict(cfg.teacher), "history": history}, indent=1))
-    _publish(tmp, path)
+    with building_dir(path, complete=_teacher_complete) as tmp:
+        model.save_pretrained(tmp)  # safetensors
+        tokenizer.save_pretrained(tmp)
+        (tmp / "teacher.json").write_text(json.dumps({"config": asdict(cfg.teacher), "history": history}, indent=1))
     return str(path)

@@ -135,7 +135,7 @@ def test_cache_keeps_token_ids_past_int16_and_17_bits(tmp_path, vocab):
              "topk_indices": idx.reshape(2, 3, 8).numpy().astype(np.int32),
              "tail_lse": lse.reshape(2, 3, 3).numpy(), "tail_slope": slope.reshape(2, 3, 3).numpy()}
     key = {"test": vocab, "layout": "compact", "betas": list(betas)}
-    from kd.config import fingerprint
+    from kd.cache import fingerprint
 
     path = write_cache(tmp_path / fingerprint(key), key, [batch], n_blocks=2, n_vocab=vocab)
     labels = load_soft_labels(path, key)

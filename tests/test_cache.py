@@ -1,0 +1,135 @@
+"""One place for caches (kd.cache): atomic publishing, fingerprints, and keys that cover
+every input of data blocks, teachers, teacher metrics and soft labels (issue 14, item 8)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from factories import make_model, make_tokenizer, save_pretrained_pair
+from kd.config import DataConfig, load_config
+from kd.data import blocks_fingerprint, load_blocks
+
+KD = Path(__file__).resolve().parents[1] / "kd"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def _docs(tag: str, n: int = 120) -> str:
+    return "\n".join(f"{tag} document {i}: the quick brown fox jumps over the lazy dog." for i in range(n))
+
+
+# ---------------------------------------------------------------- publishing
+
+
+def test_every_temp_then_rename_goes_through_kd_cache():
+    """No module of kd renames files into place itself: kd.cache does it for all of them."""
+    offenders = []
+    for path in sorted(KD.rglob("*.py")):
+        if path.name == "cache.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("replace", "rename") \
+                    and isinstance(node.value, ast.Name) and node.value.id == "os":
+                offenders.append(f"{path.relative_to(KD)}:{node.lineno}")
+    assert not offenders, f"temp-then-rename outside kd.cache: {offenders}"
+
+
+def test_kd_cache_imports_nothing_from_kd():
+    tree = ast.parse((KD / "cache.py").read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [n for n in names if n == "kd" or n.startswith("kd.")]
+
+
+def test_atomic_file_keeps_the_old_file_when_writing_fails(tmp_path):
+    from kd.cache import atomic_file, write_atomic
+
+    path = tmp_path / "entry.json"
+    write_atomic(path, b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["entry.json"]
+    write_atomic(path, b"new")
+    assert path.read_bytes() == b"new"
+
+
+def test_published_files_and_dirs_are_readable_as_the_umask_allows(tmp_path):
+    """mkstemp/mkdtemp alone make 0600/0700 entries other users of a shared cache cannot read."""
+    from kd.cache import building_dir, write_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "f", b"x")
+        with building_dir(tmp_path / "d") as tmp:
+            (tmp / "a").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755 and (tmp_path / "d" / "a").read_text() == "x"
+
+
+def test_building_dir_publishes_whole_or_nothing_and_keeps_a_complete_rival(tmp_path):
+    from kd.cache import building_dir
+
+    def complete(p: Path) -> bool:
+        return (p / "done").exists()
+
+    target = tmp_path / "entry"
+    with pytest.raises(RuntimeError):
+        with building_dir(target, complete) as tmp:
+            (tmp / "part").write_text("x")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []  # nothing published, no temp dir left
+    target.mkdir()
+    (target / "leftover").write_text("x")  # an incomplete entry is replaced
+    with building_dir(target, complete) as tmp:
+        (tmp / "done").write_text("ours")
+    assert sorted(p.name for p in target.iterdir()) == ["done"]
+    with building_dir(target, complete) as tmp:  # a complete one (another process's) is kept
+        (tmp / "done").write_text("late")
+    assert (target / "done").read_text() == "ours" and [p.name for p in tmp_path.iterdir()] == ["entry"]
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def test_fingerprint_is_canonical_json_and_strict():
+    from kd.cache import canonical_json, fingerprint
+
+    @dataclasses.dataclass
+    class Key:
+        a: int = 1
+        b: tuple = (1.5, "x")
+
+    assert fingerprint({"a": 1, "b": [1.5, "x"]}) == fingerprint({"b": [1.5, "x"], "a": 1}) == fingerprint(Key())
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2}) and len(fingerprint({})) == 16
+    assert canonical_json({"b": 1, "a": Path("/x")}) == '{"a":"/x","b":1}'
+    with pytest.raises(TypeError, match="cache key"):
+        fingerprint({"a": object()})  # would be a different text in every process
+    with pytest.raises(ValueError):
+        fingerprint({"a": float("nan")})
+
+
+def test_file_digest_memo_follows_edits(tmp_path):
+    from kd.cache import file_digest, sha256_file
+
+    f, memo = tmp_path / "data.txt", tmp_path / "memo.json"
+    f.write_text("aaaa")
+    first = file_digest(f, memo)
+    assert first == sha256_file(f) and first in json.loads(memo.read_text()).values()
+    st = f.stat()
+    f.write_text("bbbb")  # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert file_digest(f, memo) == sha256_file(f) != first
