@@ -3,7 +3,8 @@
 Training the teacher is the first step of the method when no pretrained one fits (the
 embedded world, or a user's own corpus). The result is cached under
 ``cache_dir()/teachers/<fingerprint>`` where the fingerprint covers the teacher's config,
-the data it learns from and the tokenizer, so every trial of every sweep shares it.
+the data it learns from (a local file by its contents) and the tokenizer, so every trial
+of every sweep shares it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from transformers import AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedToken
 
 from kd.cache import building_dir, fingerprint
 from kd.config import KDConfig, LossConfig, TrainConfig
-from kd.data import Blocks, blocks_fingerprint, load_blocks
+from kd.data import Blocks, blocks_fingerprint, load_blocks, source_key
 from kd.paths import cache_dir
 from kd.train import train
 
@@ -32,8 +33,11 @@ def data_tokenizer(cfg: KDConfig) -> PreTrainedTokenizerBase:
 
         return AutoTokenizer.from_pretrained(str(ensure_world(cfg.data.world_size, cfg.data.world_seed) / "tokenizer"))
     # A user's own corpus: train the same byte-level BPE the world uses on its training
-    # split, cached by the data settings (the texts behind them do not change).
-    path = cache_dir() / "tokenizers" / fingerprint({"data": asdict(cfg.data), "vocab": TEXT_VOCAB_SIZE})
+    # split, cached by the data settings and the source's contents.
+    data = asdict(cfg.data)
+    data.pop("source")
+    key = {"kind": "trained_tokenizer", "data": data, "source": source_key(cfg.data), "vocab": TEXT_VOCAB_SIZE}
+    path = cache_dir() / "tokenizers" / fingerprint(key)
     if not _tokenizer_complete(path):
         from kd.data import load_texts
         from kd.world import train_tokenizer

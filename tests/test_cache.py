@@ -133,3 +133,32 @@ def test_file_digest_memo_follows_edits(tmp_path):
     f.write_text("bbbb")  # same size
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     assert file_digest(f, memo) == sha256_file(f) != first
+
+
+# ------------------------------------------------------- data: keyed by contents
+
+
+def test_an_edited_local_file_gives_a_new_key_and_fresh_blocks(tmp_path, tok):
+    """The key of a local file is its contents, not its path: an edit is packed again."""
+    f = tmp_path / "corpus.txt"
+    f.write_text(_docs("old"))
+    cfg = DataConfig(source=str(f), block_size=16)
+    before_key, before = blocks_fingerprint(cfg, tok), load_blocks(cfg, tok)
+    f.write_text(_docs("new", 150))
+    after_key, after = blocks_fingerprint(cfg, tok), load_blocks(cfg, tok)
+    assert after_key != before_key
+    docs = _docs("new", 150).split("\n")
+    tokens = sum(len(tok(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs)  # + eos each
+    assert after.train.shape[0] + after.val.shape[0] == tokens // 16  # packed from the new text
+    assert before.train.shape[0] + before.val.shape[0] < tokens // 16
+
+
+def test_the_same_text_at_another_path_shares_the_key_and_a_split_rename_does_not(tmp_path, tok):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "train.txt").write_text(_docs("same"))
+        (d / "extra.txt").write_text(_docs("more", 40))
+    assert blocks_fingerprint(DataConfig(source=str(a)), tok) == blocks_fingerprint(DataConfig(source=str(b)), tok)
+    (b / "extra.txt").rename(b / "valid.txt")  # same bytes, now the validation split
+    assert blocks_fingerprint(DataConfig(source=str(a)), tok) != blocks_fingerprint(DataConfig(source=str(b)), tok)
