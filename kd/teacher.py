@@ -2,9 +2,10 @@
 
 Training the teacher is the first step of the method when no pretrained one fits (the
 embedded world, or a user's own corpus). The result is cached under
-``cache_dir()/teachers/<fingerprint>`` where the fingerprint covers the teacher's config,
-the data it learns from (a local file by its contents) and the tokenizer, so every trial
-of every sweep shares it.
+``cache_dir()/teachers/<fingerprint>`` where the fingerprint (:func:`teacher_key`) covers
+everything its weights depend on: the teacher's shape and schedule, the training settings
+it shares with the student (weight decay, gradient clipping, precision), the data it
+learns from (by contents) and the tokenizer, so every trial of every sweep shares it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedTokenizerBase
@@ -24,6 +26,15 @@ from kd.train import train
 
 #: BPE vocabulary for a tokenizer trained on a user's corpus (WikiText-2 scale text).
 TEXT_VOCAB_SIZE = 8192
+#: Bump whenever the training recipe changes what the same key trains (it is in the key).
+RECIPE_VERSION = 1
+#: teacher.* fields that do not change a trained teacher's weights: where it comes from.
+NOT_WEIGHTS = ("source", "trust_remote_code")
+#: train.* fields the teacher's training shares with the student's that do not change its
+#: weights: ``eval_blocks`` (only what its history reports), and three that change them only
+#: by floating-point rounding (the same initialisation, data order and arithmetic), so a
+#: teacher trained on a CPU head serves trials on GPUs. Left out of its key.
+NOT_WEIGHTS_TRAIN = ("eval_blocks", "device", "threads", "compile")
 
 
 def data_tokenizer(cfg: KDConfig) -> PreTrainedTokenizerBase:
@@ -72,18 +83,31 @@ def _model_config(cfg: KDConfig, tokenizer: PreTrainedTokenizerBase):
                        max_position_embeddings=max(256, cfg.data.block_size), **common)
 
 
-def teacher_fingerprint(cfg: KDConfig, tokenizer: PreTrainedTokenizerBase) -> str:
-    """What a trained teacher depends on: its shape and schedule, the data and the tokenizer."""
-    t = asdict(cfg.teacher)
-    t.pop("trust_remote_code")
-    return fingerprint({"teacher": t, "blocks": blocks_fingerprint(cfg.data, tokenizer),
-                        "precision": cfg.train.precision, "device": cfg.train.device})
-
-
 def teacher_train_config(cfg: KDConfig) -> TrainConfig:
+    """The training settings of a teacher the project trains: the student's, with the
+    teacher's schedule."""
     t = cfg.teacher
     return replace(cfg.train, steps=t.steps, batch_size=t.batch_size, lr=t.lr, seed=0,
                    warmup_steps=max(1, t.steps // 20), eval_every=max(1, t.steps // 4))
+
+
+def teacher_key(cfg: KDConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Everything a trained teacher's weights depend on.
+
+    Every teacher.* field but :data:`NOT_WEIGHTS`, every field of the training config it
+    runs with (:func:`teacher_train_config`: weight decay, gradient clipping, ...) but
+    :data:`NOT_WEIGHTS_TRAIN`, the packed blocks (data settings, the source's
+    contents, the tokenizer) and the recipe's version. New fields are keyed by default.
+    """
+    teacher = {k: v for k, v in asdict(cfg.teacher).items() if k not in NOT_WEIGHTS}
+    train_cfg = {k: v for k, v in asdict(teacher_train_config(cfg)).items() if k not in NOT_WEIGHTS_TRAIN}
+    return {"kind": "teacher", "recipe": RECIPE_VERSION, "teacher": teacher, "train": train_cfg,
+            "blocks": blocks_fingerprint(cfg.data, tokenizer)}
+
+
+def teacher_fingerprint(cfg: KDConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The directory name of a trained teacher."""
+    return fingerprint(teacher_key(cfg, tokenizer))
 
 
 def ensure_teacher(cfg: KDConfig, *, progress: bool = False, blocks: Blocks | None = None) -> str:
@@ -91,7 +115,8 @@ def ensure_teacher(cfg: KDConfig, *, progress: bool = False, blocks: Blocks | No
     if cfg.teacher.source != "train":
         return cfg.teacher.source
     tokenizer = data_tokenizer(cfg)
-    path = cache_dir() / "teachers" / teacher_fingerprint(cfg, tokenizer)
+    key = teacher_key(cfg, tokenizer)
+    path = cache_dir() / "teachers" / fingerprint(key)
     if _teacher_complete(path):
         return str(path)
     from transformers import AutoModelForCausalLM
@@ -108,5 +133,5 @@ def ensure_teacher(cfg: KDConfig, *, progress: bool = False, blocks: Blocks | No
     with building_dir(path, complete=_teacher_complete) as tmp:
         model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
-        (tmp / "teacher.json").write_text(json.dumps({"config": asdict(cfg.teacher), "history": history}, indent=1))
+        (tmp / "teacher.json").write_text(json.dumps({"key": key, "history": history}, indent=1))
     return str(path)

@@ -162,3 +162,43 @@ def test_the_same_text_at_another_path_shares_the_key_and_a_split_rename_does_no
     assert blocks_fingerprint(DataConfig(source=str(a)), tok) == blocks_fingerprint(DataConfig(source=str(b)), tok)
     (b / "extra.txt").rename(b / "valid.txt")  # same bytes, now the validation split
     assert blocks_fingerprint(DataConfig(source=str(a)), tok) != blocks_fingerprint(DataConfig(source=str(b)), tok)
+
+
+# ----------------------------------------------------- teacher: every input keyed
+
+
+def _cfg(tiny: dict, **extra):
+    return load_config(overrides={**tiny, **extra})
+
+
+@pytest.mark.parametrize("override", [{"train.weight_decay": 0.0}, {"train.grad_clip": 0.5},
+                                      {"train.grad_clip": 0}, {"teacher.lr": 1e-3}, {"data.block_size": 64}])
+def test_every_setting_that_changes_the_teachers_weights_changes_its_key(tiny_overrides, tok, override):
+    from kd.teacher import teacher_fingerprint
+
+    base = teacher_fingerprint(_cfg(tiny_overrides, **{"train.precision": "fp32"}), tok)
+    assert teacher_fingerprint(_cfg(tiny_overrides, **{"train.precision": "fp32", **override}), tok) != base
+
+
+@pytest.mark.parametrize("override", [{"train.steps": 7}, {"train.lr": 0.1}, {"train.seed": 3},
+                                      {"train.eval_blocks": 2}, {"train.threads": 1}, {"train.device": "cpu"},
+                                      {"train.compile": "false"}, {"loss.temperature": 4.0},
+                                      {"teacher.trust_remote_code": True}])
+def test_settings_that_do_not_change_the_teacher_leave_its_key(tiny_overrides, tok, override):
+    """The student's schedule, evaluation and rounding-only settings: one teacher serves them all."""
+    from kd.teacher import teacher_fingerprint
+
+    base = teacher_fingerprint(_cfg(tiny_overrides, **{"train.precision": "fp32"}), tok)
+    assert teacher_fingerprint(_cfg(tiny_overrides, **{"train.precision": "fp32", **override}), tok) == base
+
+
+def test_an_edited_local_file_gives_a_new_teacher_key(tiny_overrides, tok, tmp_path):
+    """The teacher learns from the blocks: an edited corpus trains a new one, not the stale one."""
+    from kd.teacher import teacher_fingerprint
+
+    f = tmp_path / "corpus.txt"
+    f.write_text(_docs("old"))
+    cfg = _cfg(tiny_overrides, **{"data.source": str(f), "train.precision": "fp32"})
+    before = teacher_fingerprint(cfg, tok)
+    f.write_text(_docs("new", 150))
+    assert teacher_fingerprint(cfg, tok) != before
