@@ -18,8 +18,10 @@ Layout, under ``loss.soft_labels_dir`` (default ``cache_dir()/soft_labels``)::
     <fingerprint>/shard-00000.safetensors       block_index (n,), topk_values (n, T, k) and,
     ...                                         unless k = V, topk_indices (n, T, k); T = block_size - 1
 
-The fingerprint covers the teacher's weights (a hash of its safetensors files), the
-tokenizer, the packed blocks, the block length, k and the precision setting. A cache is
+The fingerprint (:func:`kd.cache.fingerprint` of :func:`cache_key`) covers the teacher's
+weights (a hash of its safetensors files), the tokenizer, the packed blocks (by the
+source's contents), the block length, k, the grid and the precision (resolved: ``auto``
+on this machine). A cache is
 written into a temp dir and renamed into place (readers see all of it or nothing), and
 checked before use: a shard whose sha256 differs from the manifest, or a manifest whose
 key differs from the one asked for, raises :class:`SoftLabelsError` (one line) and
@@ -143,9 +145,14 @@ def check_temperatures(cfg: KDConfig, low: float, high: float, n_vocab: int | No
                           "loss.grid_max_temperature or narrow the sweep")
 
 
-def cache_key(cfg: KDConfig, teacher_source: str, tokenizer: Any) -> dict[str, Any]:
-    """Everything the cached logits depend on (the fingerprint hashes this)."""
+def cache_key(cfg: KDConfig, teacher_source: str, tokenizer: Any, precision: str | None = None) -> dict[str, Any]:
+    """Everything the cached logits depend on (the fingerprint hashes this).
+
+    ``precision``: the teacher pass's, resolved (``bf16`` or ``fp32``); by default what
+    ``train.precision`` resolves to here (:func:`kd.device.resolve_precision`).
+    """
     from kd.data import blocks_fingerprint, tokenizer_fingerprint
+    from kd.device import resolve_precision
 
     n_vocab = len(tokenizer)
     fmt, k = resolve_format(cfg, n_vocab)
@@ -156,7 +163,7 @@ def cache_key(cfg: KDConfig, teacher_source: str, tokenizer: Any) -> dict[str, A
         "blocks": blocks_fingerprint(cfg.data, tokenizer),
         "block_size": cfg.data.block_size,
         "k": k,  # k = V: dense
-        "precision": cfg.train.precision,
+        "precision": precision or resolve_precision(cfg.train.device, cfg.train.precision),
     }
     if fmt == "compact":  # the grid, not the temperature: one cache serves a sweep's range
         key.update(layout="compact", betas=list(grid_betas(cfg)))
@@ -191,7 +198,8 @@ class TopKTeacher:
         blocks: the training blocks (N, L) int64, or a Ray ObjectRef to them.
         n_vocab: the tokenizer's length (logits past it are LM-head padding).
         k: logits kept per token.
-        precision: ``train.precision`` (bf16 autocast where fast, as the online teacher).
+        precision: the cache key's (``bf16`` or ``fp32``, resolved by :func:`ensure_soft_labels`
+            where the key is made, so that every actor computes what the key says).
         threads: torch threads (Ray sets OMP_NUM_THREADS=1 in its workers).
     """
 
@@ -550,19 +558,32 @@ def ensure_soft_labels(
         on_bad: ``rebuild`` a missing or bad cache, or ``raise`` :class:`SoftLabelsError`.
     """
     check_temperatures(cfg, cfg.loss.temperature, cfg.loss.temperature, len(tokenizer))
-    key = cache_key(cfg, teacher_source, tokenizer)
+    from kd.device import precisions_served
+
+    # The entry of the precision train.precision resolves to here; with auto, else a whole
+    # one another machine built in the other precision (kd.device.precisions_served).
+    served = precisions_served(cfg.train.device, cfg.train.precision)
+    key = cache_key(cfg, teacher_source, tokenizer, served[0])
     path = cache_path(cfg, key)
+    bad = None
     if path.exists():
         try:
             return _checked(load_soft_labels(path, key), train_blocks)
         except SoftLabelsError as e:
-            if on_bad != "rebuild":
-                raise
-            print(f"{e}; rebuilding it", file=sys.stderr, flush=True)
-    elif on_bad != "rebuild":
-        raise _fail(path, "not built yet")
+            bad = e
+    for precision in served[1:]:
+        other = cache_key(cfg, teacher_source, tokenizer, precision)
+        if cache_path(cfg, other).exists():
+            try:
+                return _checked(load_soft_labels(cache_path(cfg, other), other), train_blocks)
+            except SoftLabelsError:
+                pass  # not ours to rebuild: ours is built below
+    if on_bad != "rebuild":
+        raise bad or _fail(path, "not built yet")
+    if bad is not None:
+        print(f"{bad}; rebuilding it", file=sys.stderr, flush=True)
     args = dict(teacher_source=teacher_source, blocks=train_blocks, n_vocab=len(tokenizer), k=key["k"],
-                precision=cfg.train.precision, threads=cfg.train.threads, device=cfg.train.device,
+                precision=key["precision"], threads=cfg.train.threads, device=cfg.train.device,
                 trust_remote_code=cfg.teacher.trust_remote_code, betas=key.get("betas"))
     if progress:
         print(f"soft labels: teacher {key.get('layout', 'top')}-{key['k']} logits for {len(train_blocks)} blocks ({backend}) -> {path}",

@@ -4,8 +4,8 @@ Training the teacher is the first step of the method when no pretrained one fits
 embedded world, or a user's own corpus). The result is cached under
 ``cache_dir()/teachers/<fingerprint>`` where the fingerprint (:func:`teacher_key`) covers
 everything its weights depend on: the teacher's shape and schedule, the training settings
-it shares with the student (weight decay, gradient clipping, precision), the data it
-learns from (by contents) and the tokenizer, so every trial of every sweep shares it.
+it shares with the student (weight decay, gradient clipping, precision resolved), the data
+it learns from (by contents) and the tokenizer, so every trial of every sweep shares it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedToken
 from kd.cache import building_dir, fingerprint
 from kd.config import KDConfig, LossConfig, TrainConfig
 from kd.data import Blocks, blocks_fingerprint, load_blocks, source_key
+from kd.device import precisions_served
 from kd.paths import cache_dir
 from kd.train import train
 
@@ -83,16 +84,17 @@ def _model_config(cfg: KDConfig, tokenizer: PreTrainedTokenizerBase):
                        max_position_embeddings=max(256, cfg.data.block_size), **common)
 
 
-def teacher_train_config(cfg: KDConfig) -> TrainConfig:
+def teacher_train_config(cfg: KDConfig, precision: str | None = None) -> TrainConfig:
     """The training settings of a teacher the project trains: the student's, with the
-    teacher's schedule."""
+    teacher's schedule, and ``precision`` (resolved, in :func:`ensure_teacher`) if given."""
     t = cfg.teacher
     return replace(cfg.train, steps=t.steps, batch_size=t.batch_size, lr=t.lr, seed=0,
-                   warmup_steps=max(1, t.steps // 20), eval_every=max(1, t.steps // 4))
+                   warmup_steps=max(1, t.steps // 20), eval_every=max(1, t.steps // 4),
+                   precision=precision or cfg.train.precision)
 
 
-def teacher_key(cfg: KDConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """Everything a trained teacher's weights depend on.
+def teacher_key(cfg: KDConfig, tokenizer: PreTrainedTokenizerBase, precision: str) -> dict[str, Any]:
+    """Everything a trained teacher's weights depend on, with ``precision`` resolved.
 
     Every teacher.* field but :data:`NOT_WEIGHTS`, every field of the training config it
     runs with (:func:`teacher_train_config`: weight decay, gradient clipping, ...) but
@@ -100,14 +102,15 @@ def teacher_key(cfg: KDConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, 
     contents, the tokenizer) and the recipe's version. New fields are keyed by default.
     """
     teacher = {k: v for k, v in asdict(cfg.teacher).items() if k not in NOT_WEIGHTS}
-    train_cfg = {k: v for k, v in asdict(teacher_train_config(cfg)).items() if k not in NOT_WEIGHTS_TRAIN}
+    train_cfg = {k: v for k, v in asdict(teacher_train_config(cfg, precision)).items() if k not in NOT_WEIGHTS_TRAIN}
     return {"kind": "teacher", "recipe": RECIPE_VERSION, "teacher": teacher, "train": train_cfg,
             "blocks": blocks_fingerprint(cfg.data, tokenizer)}
 
 
-def teacher_fingerprint(cfg: KDConfig, tokenizer: PreTrainedTokenizerBase) -> str:
-    """The directory name of a trained teacher."""
-    return fingerprint(teacher_key(cfg, tokenizer))
+def teacher_fingerprint(cfg: KDConfig, tokenizer: PreTrainedTokenizerBase, precision: str | None = None) -> str:
+    """The directory name of a trained teacher (``precision`` resolved here unless given)."""
+    return fingerprint(teacher_key(cfg, tokenizer, precision or precisions_served(cfg.train.device,
+                                                                                  cfg.train.precision)[0]))
 
 
 def ensure_teacher(cfg: KDConfig, *, progress: bool = False, blocks: Blocks | None = None) -> str:
@@ -115,10 +118,16 @@ def ensure_teacher(cfg: KDConfig, *, progress: bool = False, blocks: Blocks | No
     if cfg.teacher.source != "train":
         return cfg.teacher.source
     tokenizer = data_tokenizer(cfg)
-    key = teacher_key(cfg, tokenizer)
-    path = cache_dir() / "teachers" / fingerprint(key)
-    if _teacher_complete(path):
-        return str(path)
+    # The entry of the precision this machine resolves to, else (train.precision=auto) one
+    # another machine built: kd.device.precisions_served.
+    served = precisions_served(cfg.train.device, cfg.train.precision)
+    keys = {p: teacher_key(cfg, tokenizer, p) for p in served}
+    for key in keys.values():
+        path = cache_dir() / "teachers" / fingerprint(key)
+        if _teacher_complete(path):
+            return str(path)
+    precision = served[0]
+    path = cache_dir() / "teachers" / fingerprint(keys[precision])
     from transformers import AutoModelForCausalLM
 
     blocks = blocks or load_blocks(cfg.data, tokenizer)
@@ -126,12 +135,12 @@ def ensure_teacher(cfg: KDConfig, *, progress: bool = False, blocks: Blocks | No
     model = AutoModelForCausalLM.from_config(_model_config(cfg, tokenizer))
     if progress:
         print(f"training the teacher ({cfg.teacher.arch} {cfg.teacher.n_layer}x{cfg.teacher.n_embd}, "
-              f"{cfg.teacher.steps} steps) -> {path}", flush=True)
+              f"{cfg.teacher.steps} steps, {precision}) -> {path}", flush=True)
     history: list[dict] = []
     train(model, blocks.train, blocks.val, n_vocab=len(tokenizer), loss_cfg=LossConfig(kd_weight=0.0),
-          cfg=teacher_train_config(cfg), report=lambda m, _c: history.append(m), progress=progress)
+          cfg=teacher_train_config(cfg, precision), report=lambda m, _c: history.append(m), progress=progress)
     with building_dir(path, complete=_teacher_complete) as tmp:
         model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
-        (tmp / "teacher.json").write_text(json.dumps({"key": key, "history": history}, indent=1))
+        (tmp / "teacher.json").write_text(json.dumps({"key": keys[precision], "history": history}, indent=1))
     return str(path)

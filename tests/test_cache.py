@@ -202,3 +202,70 @@ def test_an_edited_local_file_gives_a_new_teacher_key(tiny_overrides, tok, tmp_p
     before = teacher_fingerprint(cfg, tok)
     f.write_text(_docs("new", 150))
     assert teacher_fingerprint(cfg, tok) != before
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_precision_auto_is_resolved_before_it_enters_a_key(tiny_overrides, tok, monkeypatch, tmp_path, fast):
+    """``auto`` on a CPU is bf16 where bf16 is fast, else fp32: the keys say which."""
+    import kd.device
+    from kd.soft_labels import cache_key
+    from kd.teacher import teacher_fingerprint
+
+    monkeypatch.setattr(kd.device, "cpu_bf16_is_fast", lambda: fast)
+    model_dir = save_pretrained_pair(tmp_path / "t", tok, make_model(tok))
+    resolved = "bf16" if fast else "fp32"
+
+    def cfg(precision: str):
+        return _cfg(tiny_overrides, **{"train.device": "cpu", "train.precision": precision})
+
+    assert teacher_fingerprint(cfg("auto"), tok) == teacher_fingerprint(cfg(resolved), tok)
+    assert cache_key(cfg("auto"), str(model_dir), tok) == cache_key(cfg(resolved), str(model_dir), tok)
+    assert cache_key(cfg("auto"), str(model_dir), tok)["precision"] == resolved
+    other = "fp32" if fast else "bf16"
+    assert teacher_fingerprint(cfg(other), tok) != teacher_fingerprint(cfg(resolved), tok)
+
+
+def test_auto_reuses_a_teacher_another_machine_built_in_the_other_precision(tiny_overrides, monkeypatch):
+    """A sweep trains its teacher once on the driver's machine; ``auto`` trials elsewhere
+    (bf16 there) use it instead of training their own. An explicit precision does not."""
+    import kd.device
+    import kd.teacher
+
+    fp32 = _cfg(tiny_overrides, **{"train.precision": "fp32"})
+    built = kd.teacher.ensure_teacher(fp32)  # the tests' tiny teacher, in fp32
+    monkeypatch.setattr(kd.device, "cpu_bf16_is_fast", lambda: True)  # "another machine": auto is bf16 here
+
+    def no_training(*a, **k):
+        raise AssertionError("trained a teacher")
+
+    monkeypatch.setattr(kd.teacher, "train", no_training)
+    assert kd.teacher.ensure_teacher(_cfg(tiny_overrides, **{"train.precision": "auto"})) == built
+    with pytest.raises(AssertionError, match="trained a teacher"):
+        kd.teacher.ensure_teacher(_cfg(tiny_overrides, **{"train.precision": "bf16"}))
+
+
+def test_auto_reuses_soft_labels_built_in_the_other_precision(tiny_overrides, monkeypatch, tmp_path):
+    """The same for the soft labels a sweep's driver builds: an ``auto`` trial reads them."""
+    import kd.device
+    import kd.soft_labels
+    from kd.models import load_tokenizer
+    from kd.teacher import ensure_teacher
+
+    def cfg(precision: str):
+        return _cfg(tiny_overrides, **{"train.precision": precision, "train.device": "cpu",
+                                       "loss.teacher_mode": "cache", "loss.soft_labels_dir": str(tmp_path)})
+
+    source = ensure_teacher(cfg("fp32"))
+    tok = load_tokenizer(source)
+    blocks = load_blocks(cfg("fp32").data, tok)
+    built = kd.soft_labels.ensure_soft_labels(cfg("fp32"), source, tok, blocks.train)
+    assert built.manifest["key"]["precision"] == "fp32"
+    monkeypatch.setattr(kd.device, "cpu_bf16_is_fast", lambda: True)  # "another machine": auto is bf16 here
+
+    def no_build(*a, **k):
+        raise AssertionError("ran the teacher pass")
+
+    monkeypatch.setattr(kd.soft_labels, "build_local", no_build)
+    assert kd.soft_labels.ensure_soft_labels(cfg("auto"), source, tok, blocks.train).path == built.path
+    with pytest.raises(AssertionError, match="ran the teacher pass"):
+        kd.soft_labels.ensure_soft_labels(cfg("bf16"), source, tok, blocks.train)
