@@ -269,3 +269,21 @@ def test_auto_reuses_soft_labels_built_in_the_other_precision(tiny_overrides, mo
     assert kd.soft_labels.ensure_soft_labels(cfg("auto"), source, tok, blocks.train).path == built.path
     with pytest.raises(AssertionError, match="ran the teacher pass"):
         kd.soft_labels.ensure_soft_labels(cfg("bf16"), source, tok, blocks.train)
+
+
+def test_teacher_metrics_are_keyed_by_the_teachers_weights_not_its_path(tiny_overrides, tok, tmp_path, monkeypatch):
+    """A teacher directory rewritten with other weights gets its own reference figures."""
+    import kd.run
+
+    monkeypatch.setattr(kd.run, "evaluate_model", lambda *a, **k: {})  # val_loss alone tells them apart
+    cfg = _cfg(tiny_overrides, **{"train.precision": "fp32", "train.device": "cpu"})
+    val = torch.randint(0, len(tok), (4, 16), generator=torch.Generator().manual_seed(0))
+    teacher_dir = tmp_path / "teacher"
+    save_pretrained_pair(teacher_dir, tok, make_model(tok, seed=0))
+    first = kd.run.teacher_metrics(make_model(tok, seed=0), tok, str(teacher_dir), cfg, val)
+    second_model = make_model(tok, seed=1)
+    save_pretrained_pair(teacher_dir, tok, second_model)
+    second = kd.run.teacher_metrics(second_model, tok, str(teacher_dir), cfg, val)
+    assert second["val_loss"] != first["val_loss"]
+    again = kd.run.teacher_metrics(None, tok, str(teacher_dir), cfg, val, load=lambda: 1 / 0)  # cached now
+    assert again == second
