@@ -167,7 +167,7 @@ def distill(
 
     teacher_source = ensure_teacher(cfg, progress=progress)
     trust = cfg.teacher.trust_remote_code
-    cached = cfg.loss.teacher_mode == "cache"
+    cached = cfg.teacher.mode == "cache"
 
     def load_teacher() -> torch.nn.Module:
         return load_pretrained(teacher_source, trust_remote_code=trust)[0].to(device)
@@ -198,7 +198,7 @@ def distill(
         teacher_fn = ensure_soft_labels(cfg, teacher_source, tokenizer, blocks.train,
                                         progress=progress).teacher_fn(device)
     elif cfg.loss.kd_weight > 0:
-        teacher_fn = online_teacher(teacher.to(device), n_vocab, device, cfg.train.precision, top_k=cfg.loss.top_k)
+        teacher_fn = online_teacher(teacher.to(device), n_vocab, device, cfg.train.precision, top_k=cfg.teacher.top_k)
     if report is not None and eval_steps and hooks.rank == 0:
         report = _with_tasks(report, student, tokenizer, cfg, set(eval_steps))
     final = train(student, blocks.train, blocks.val, n_vocab=n_vocab, loss_cfg=cfg.loss, cfg=cfg.train,

@@ -3,7 +3,7 @@
 Every trial of a sweep distils from the same teacher on the same blocks, so its outputs
 are computed once and a trial reads them instead of running the teacher. The
 cache keeps, per training block and position, the teacher's *raw* logits in fp16, in one
-of three layouts (``loss.soft_label_format``; :func:`resolve_format`): all V of them
+of three layouts (``teacher.soft_label_format``; :func:`resolve_format`): all V of them
 (``dense``, exact at every temperature; the default up to V = 8,192), ``compact`` (the k
 largest + their ids + the tail's log-partition on a grid of 1/T, :mod:`kd.compact`:
 exact on k + 1 buckets at every T of the grid; the default above), or ``topk`` (the k
@@ -12,7 +12,7 @@ else int32. The temperature is applied
 at training time (:func:`kd.losses.distillation_loss` takes them as ``teacher_logits``,
 or ``topk_values``/``topk_indices``), so one cache serves a whole temperature sweep.
 
-Layout, under ``loss.soft_labels_dir`` (default ``cache_dir()/soft_labels``)::
+Layout, under ``teacher.soft_labels_dir`` (default ``cache_dir()/soft_labels``)::
 
     <fingerprint>/manifest.json                 key, k, shapes, dtypes, sha256 per shard
     <fingerprint>/shard-00000.safetensors       block_index (n,), topk_values (n, T, k) and,
@@ -58,11 +58,11 @@ from kd.config import ConfigError, KDConfig
 from kd.paths import cache_dir
 
 FORMAT = 1
-#: ``loss.soft_label_format=auto`` stores every logit up to this vocabulary (2 bytes x V:
+#: ``teacher.soft_label_format=auto`` stores every logit up to this vocabulary (2 bytes x V:
 #: 16 KB per token, the world's 2,048 is 4 KB) and the compact format above it (at
 #: V = 32,000, k = 64: 328 bytes, 0.5% of dense).
 AUTO_DENSE_MAX_VOCAB = 8192
-#: k of the compact (and top-k) format when loss.top_k = 0.
+#: k of the compact (and top-k) format when teacher.top_k = 0.
 DEFAULT_K = 64
 TAIL_FIELDS = ("tail_lse", "tail_slope")
 MANIFEST = "manifest.json"
@@ -112,7 +112,7 @@ def resolve_format(cfg: KDConfig, n_vocab: int) -> tuple[str, int]:
     ``auto``: dense while top_k = 0 and V <= :data:`AUTO_DENSE_MAX_VOCAB`, else compact.
     A k at or above V is dense whatever the format (every logit is kept).
     """
-    fmt, k = cfg.loss.soft_label_format, cfg.loss.top_k
+    fmt, k = cfg.teacher.soft_label_format, cfg.teacher.top_k
     if fmt == "auto":
         fmt = "dense" if k == 0 and n_vocab <= AUTO_DENSE_MAX_VOCAB else "compact"
     if fmt == "dense":
@@ -122,8 +122,9 @@ def resolve_format(cfg: KDConfig, n_vocab: int) -> tuple[str, int]:
 
 
 def grid_betas(cfg: KDConfig) -> tuple[float, ...]:
-    """The compact format's inverse temperatures, from loss.grid_*."""
-    return temperature_grid(cfg.loss.grid_min_temperature, cfg.loss.grid_max_temperature, cfg.loss.grid_points)
+    """The compact format's inverse temperatures, from teacher.grid_*."""
+    t = cfg.teacher
+    return temperature_grid(t.grid_min_temperature, t.grid_max_temperature, t.grid_points)
 
 
 def check_temperatures(cfg: KDConfig, low: float, high: float, n_vocab: int | None = None) -> None:
@@ -133,16 +134,16 @@ def check_temperatures(cfg: KDConfig, low: float, high: float, n_vocab: int | No
     trials may take. Only the compact format is limited (to its grid); dense and top-k
     caches take any T. With ``n_vocab`` unknown, ``auto`` is checked as if compact.
     """
-    if cfg.loss.teacher_mode != "cache" or cfg.loss.kd_weight == 0:
+    if cfg.teacher.mode != "cache" or cfg.loss.kd_weight == 0:
         return
-    fmt = resolve_format(cfg, n_vocab)[0] if n_vocab else cfg.loss.soft_label_format
+    fmt = resolve_format(cfg, n_vocab)[0] if n_vocab else cfg.teacher.soft_label_format
     if fmt not in ("compact", "auto"):
         return
-    lo, hi = cfg.loss.grid_min_temperature, cfg.loss.grid_max_temperature
+    lo, hi = cfg.teacher.grid_min_temperature, cfg.teacher.grid_max_temperature
     if not (lo <= low <= high <= hi):
         raise ConfigError(f"loss.temperature range [{low:g}, {high:g}] is not allowed: the compact soft-label "
-                          f"cache serves T in [{lo:g}, {hi:g}]; widen loss.grid_min_temperature/"
-                          "loss.grid_max_temperature or narrow the sweep")
+                          f"cache serves T in [{lo:g}, {hi:g}]; widen teacher.grid_min_temperature/"
+                          "teacher.grid_max_temperature or narrow the sweep")
 
 
 def cache_key(cfg: KDConfig, teacher_source: str, tokenizer: Any, precision: str | None = None) -> dict[str, Any]:
@@ -171,7 +172,8 @@ def cache_key(cfg: KDConfig, teacher_source: str, tokenizer: Any, precision: str
 
 
 def cache_root(cfg: KDConfig) -> Path:
-    return Path(cfg.loss.soft_labels_dir).expanduser() if cfg.loss.soft_labels_dir else cache_dir() / "soft_labels"
+    root = cfg.teacher.soft_labels_dir
+    return Path(root).expanduser() if root else cache_dir() / "soft_labels"
 
 
 def cache_path(cfg: KDConfig, key: dict[str, Any]) -> Path:

@@ -29,8 +29,11 @@ from kd.train import train
 TEXT_VOCAB_SIZE = 8192
 #: Bump whenever the training recipe changes what the same key trains (it is in the key).
 RECIPE_VERSION = 1
-#: teacher.* fields that do not change a trained teacher's weights: where it comes from.
-NOT_WEIGHTS = ("source", "trust_remote_code")
+#: teacher.* fields that do not change a trained teacher's weights: where it comes from,
+#: and the settings of its outputs (the soft labels: kd.soft_labels keys them), so that a
+#: sweep over teacher.top_k or the grid shares one teacher.
+NOT_WEIGHTS = ("source", "trust_remote_code", "mode", "top_k", "soft_labels_dir", "soft_label_format",
+               "grid_min_temperature", "grid_max_temperature", "grid_points")
 #: train.* fields the teacher's training shares with the student's that do not change its
 #: weights: ``eval_blocks`` (only what its history reports), and three that change them only
 #: by floating-point rounding (the same initialisation, data order and arithmetic), so a

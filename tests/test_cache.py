@@ -183,9 +183,12 @@ def test_every_setting_that_changes_the_teachers_weights_changes_its_key(tiny_ov
 @pytest.mark.parametrize("override", [{"train.steps": 7}, {"train.lr": 0.1}, {"train.seed": 3},
                                       {"train.eval_blocks": 2}, {"train.threads": 1}, {"train.device": "cpu"},
                                       {"train.compile": "false"}, {"loss.temperature": 4.0},
-                                      {"teacher.trust_remote_code": True}])
+                                      {"teacher.trust_remote_code": True}, {"teacher.top_k": 32},
+                                      {"teacher.mode": "cache"}, {"teacher.soft_label_format": "compact"},
+                                      {"teacher.grid_points": 5}, {"teacher.soft_labels_dir": "/x"}])
 def test_settings_that_do_not_change_the_teacher_leave_its_key(tiny_overrides, tok, override):
-    """The student's schedule, evaluation and rounding-only settings: one teacher serves them all."""
+    """The student's schedule, evaluation, rounding-only settings and the soft labels'
+    settings (the teacher's outputs, not its weights): one teacher serves them all."""
     from kd.teacher import teacher_fingerprint
 
     base = teacher_fingerprint(_cfg(tiny_overrides, **{"train.precision": "fp32"}), tok)
@@ -253,7 +256,7 @@ def test_auto_reuses_soft_labels_built_in_the_other_precision(tiny_overrides, mo
 
     def cfg(precision: str):
         return _cfg(tiny_overrides, **{"train.precision": precision, "train.device": "cpu",
-                                       "loss.teacher_mode": "cache", "loss.soft_labels_dir": str(tmp_path)})
+                                       "teacher.mode": "cache", "teacher.soft_labels_dir": str(tmp_path)})
 
     source = ensure_teacher(cfg("fp32"))
     tok = load_tokenizer(source)
