@@ -84,7 +84,8 @@ class SoftLabelsError(RuntimeError):
 
 
 def weights_fingerprint(source: str) -> str:
-    """A hash of the teacher's weights: sha256 over its safetensors files (names and bytes).
+    """A hash of the teacher's weights: sha256 over its safetensors files (names and bytes)
+    and its ``config.json`` (the architecture that turns the weights into logits).
 
     For a hub id, the files of the locally cached snapshot. The full hash of a large
     teacher takes a while (~1 GB/s), so it is remembered per file identity (path, size,
@@ -103,7 +104,9 @@ def weights_fingerprint(source: str) -> str:
     if not files:
         raise SoftLabelsError(f"teacher {source!r} has no .safetensors weights to fingerprint")
     memo = cache_dir() / "file_digests.json"
-    return fingerprint({"weights": [(f.name, file_digest(f, memo)) for f in files]})
+    config = root / "config.json"
+    return fingerprint({"weights": [(f.name, file_digest(f, memo)) for f in files],
+                        "config": file_digest(config, memo) if config.is_file() else None})
 
 
 def resolve_format(cfg: KDConfig, n_vocab: int) -> tuple[str, int]:

@@ -290,3 +290,16 @@ def test_teacher_metrics_are_keyed_by_the_teachers_weights_not_its_path(tiny_ove
     assert second["val_loss"] != first["val_loss"]
     again = kd.run.teacher_metrics(None, tok, str(teacher_dir), cfg, val, load=lambda: 1 / 0)  # cached now
     assert again == second
+
+
+def test_a_local_teachers_key_covers_its_weights_and_its_config(tok, tmp_path):
+    """Soft labels and teacher metrics name a local teacher by what its directory holds."""
+    from kd.soft_labels import weights_fingerprint
+
+    teacher_dir = save_pretrained_pair(tmp_path / "teacher", tok, make_model(tok, seed=0))
+    first = weights_fingerprint(str(teacher_dir))
+    config = json.loads((teacher_dir / "config.json").read_text())
+    (teacher_dir / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": 1e-3}))
+    assert weights_fingerprint(str(teacher_dir)) != first  # same weights, other logits
+    save_pretrained_pair(teacher_dir, tok, make_model(tok, seed=1))
+    assert len({first, weights_fingerprint(str(teacher_dir))}) == 2
