@@ -2,8 +2,8 @@
 
 The demo temperature sweep, reduced to a few fixed temperatures (the same trials in both
 modes, no early stopping), run twice through :func:`kd.sweep.driver.run_sweep`: once with
-``loss.teacher_mode=online`` (every trial loads the teacher and runs it on every batch)
-and once with ``loss.teacher_mode=cache`` (the sweep builds the top-k cache once with Ray
+``teacher.mode=online`` (every trial loads the teacher and runs it on every batch)
+and once with ``teacher.mode=cache`` (the sweep builds the top-k cache once with Ray
 Data before the trials, into a fresh directory so the build is timed; the trials read
 it). Per-trial settings are ``kd.sweep.PRESETS["demo"]`` plus the temperature sweep's
 fixed settings. Each trial reports its own peak memory (``ru_maxrss`` of the trial
@@ -70,9 +70,9 @@ def _fixed(mode: str, k: int, soft_dir: str) -> dict:
     from kd.sweep import PRESETS
 
     fixed = {**PRESETS["demo"], "loss.kd_weight": 0.5, "student.n_layer": 2, "student.n_embd": 128,
-             **EXTRA, "loss.teacher_mode": mode}
+             **EXTRA, "teacher.mode": mode}
     if mode == "cache":
-        fixed.update({"loss.top_k": k, "loss.soft_labels_dir": soft_dir})
+        fixed.update({"teacher.top_k": k, "teacher.soft_labels_dir": soft_dir})
     return fixed
 
 

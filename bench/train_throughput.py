@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         "student.n_layer": s_layers, "student.n_embd": s_embd, "loss.kd_weight": 0.5, "loss.temperature": 2.0,
         "train.steps": total_steps, "train.batch_size": args.batch_size, "train.eval_every": args.warmup_steps,
         "train.warmup_steps": 1, "train.threads": args.threads, "train.device": "cpu",
-        "train.compile": args.compile, "loss.teacher_mode": "cache",
-        "loss.soft_labels_dir": tempfile.mkdtemp(prefix="kd-bench-soft-labels-"),
+        "train.compile": args.compile, "teacher.mode": "cache",
+        "teacher.soft_labels_dir": tempfile.mkdtemp(prefix="kd-bench-soft-labels-"),
     })
     t0 = time.perf_counter()
     source = ensure_teacher(cfg)

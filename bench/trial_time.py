@@ -28,7 +28,7 @@ from pathlib import Path
 #: The demo preset's settings and the temperature sweep's fixed ones (sweeps/temperature.py).
 DEMO_TRIAL = {
     "data.world_size": "small", "teacher.steps": 300, "train.steps": 150, "train.eval_every": 50,
-    "train.eval_blocks": 32, "train.warmup_steps": 15, "loss.teacher_mode": "cache",
+    "train.eval_blocks": 32, "train.warmup_steps": 15, "teacher.mode": "cache",
     "loss.kd_weight": 0.5, "loss.temperature": 2.0, "student.n_layer": 2, "student.n_embd": 128,
 }
 

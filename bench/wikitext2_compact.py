@@ -41,9 +41,9 @@ def main() -> None:
                 "train.steps": args.steps, "train.batch_size": 8, "train.warmup_steps": max(1, args.steps // 10),
                 "train.eval_every": args.steps, "train.eval_blocks": 64, "train.threads": args.threads,
                 "train.device": "cpu", "train.precision": "fp32", "train.compile": "false",
-                "loss.kd_weight": 1.0, "loss.temperature": t, "loss.teacher_mode": "cache",
-                "loss.soft_label_format": fmt, "loss.top_k": args.k if fmt == "compact" else 0,
-                "loss.soft_labels_dir": str(out / "soft"), "output_dir": str(out / f"{fmt}-{t:g}")})
+                "loss.kd_weight": 1.0, "loss.temperature": t, "teacher.mode": "cache",
+                "teacher.soft_label_format": fmt, "teacher.top_k": args.k if fmt == "compact" else 0,
+                "teacher.soft_labels_dir": str(out / "soft"), "output_dir": str(out / f"{fmt}-{t:g}")})
             t0 = time.perf_counter()
             m = distill(cfg, evaluate=False)
             ppl[fmt] = m["val_ppl"]

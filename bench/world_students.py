@@ -51,12 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     base: dict = {"data.world_size": args.world, "train.threads": args.threads, "loss.temperature": args.temperature,
                   "student.n_layer": 2, "student.n_embd": 128, "student.init": "teacher", "train.steps": args.steps,
                   "train.eval_every": max(1, args.steps // 3), "train.warmup_steps": max(1, args.steps // 10),
-                  "train.eval_blocks": 32, "loss.teacher_mode": "cache"}
+                  "train.eval_blocks": 32, "teacher.mode": "cache"}
     if args.quick:  # the tests' tiny config (tests/conftest.py), so a test run shares its teacher
         base.update({"data.world_size": "tiny", "teacher.n_layer": 2, "teacher.n_embd": 64, "teacher.n_head": 2,
                      "teacher.steps": 150, "student.n_layer": 1, "student.n_embd": 32, "student.init": "random",
                      "train.steps": 20, "train.eval_every": 10, "train.eval_blocks": 8, "train.batch_size": 8,
-                     "train.warmup_steps": 2, "loss.teacher_mode": "online"})
+                     "train.warmup_steps": 2, "teacher.mode": "online"})
     base.update(parse_overrides(args.overrides))
     t0 = time.perf_counter()
     cfg = load_config(overrides=base)

@@ -13,7 +13,6 @@ alone.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kd.cache import sha256_file
 from kd.config import ConfigError
 
 TASKS = ("world", "lambada", "hellaswag", "storycloze", "nq_open", "webquestions", "triviaqa")
@@ -106,13 +106,6 @@ def _device(name: str) -> str:
     return name
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    """The hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def data_hashes(task: str | None, data: str | None, fewshot: str | None = None) -> dict[str, str]:
@@ -125,7 +118,7 @@ def data_hashes(task: str | None, data: str | None, fewshot: str | None = None) 
         files.append(Path(data).expanduser())
     if fewshot:
         files.append(Path(fewshot).expanduser())
-    return {str(f): sha256_of(f) for f in files if f.is_file()}
+    return {str(f): sha256_file(f) for f in files if f.is_file()}
 
 
 def evaluate_task(model: Any, tokenizer: Any, task: str, data: str, *, limit: int | None = None,

@@ -12,9 +12,7 @@ import ast
 import dataclasses
 import difflib
 import functools
-import hashlib
 import inspect
-import json
 import math
 import os
 import typing
@@ -40,7 +38,8 @@ SOFT_LABEL_FORMATS = ("auto", "dense", "compact", "topk")
 
 @dataclass
 class TeacherConfig:
-    """Where the teacher comes from, and how the project trains one on the world."""
+    """Where the teacher comes from, how the project trains one on the world, and how its
+    outputs (the soft labels a student learns from) are produced and stored."""
 
     source: str = "train"
     """``train``: the project trains a teacher on ``data.source`` (the embedded world by
@@ -62,6 +61,35 @@ class TeacherConfig:
     """Blocks per optimizer step when the project trains the teacher."""
     lr: float = 2e-3
     """Peak learning rate when the project trains the teacher (warm-up, then cosine)."""
+    mode: str = "online"
+    """Where a trial's teacher outputs come from. ``online``: run the teacher on every batch
+    of every trial. ``cache``: read them from the soft-label cache (:mod:`kd.soft_labels`),
+    built once per teacher, data and the settings below; a sweep builds it before its
+    trials, which then never load the teacher."""
+    top_k: int = 0
+    """Teacher logits kept per token: 0 = all of them (dense), k > 0 = the top k (online: cut
+    per batch; cache: the k it stores). Dense by default, also for the cache, because top-k
+    with the truncated teacher of kd.losses is close to dense only near T = 1: for k = 128
+    bench/topk_exactness.py measured a loss error of 3.5% at T = 1 but 1.5x at T = 2 and 20x
+    at T = 4 on the world's teacher (V = 2048), worse on synthetic V = 32000 logits, while
+    temperature sweeps span 0.5-20 (BENCHMARKS.md). A dense cache costs 2 bytes x V per
+    token (fp16); set k for vocabularies where that does not fit, and sweep near T = 1."""
+    soft_labels_dir: str = ""
+    """Where soft-label caches live; empty = ``cache_dir()/soft_labels``. On a cluster, a
+    directory every node reads (a sweep uses its output dir there)."""
+    soft_label_format: str = "auto"
+    """What the cache stores per token: ``dense`` (all V logits, 2 V bytes), ``compact``
+    (top-k logits + the tail's log-partition on the temperature grid: exact on k + 1
+    buckets at every T of the grid, :mod:`kd.compact`), ``topk`` (top-k renormalised:
+    exact only at T = 1) or ``auto``: dense up to kd.soft_labels.AUTO_DENSE_MAX_VOCAB
+    (8,192: 16 KB per token) when teacher.top_k = 0, else compact."""
+    grid_min_temperature: float = 0.5
+    """Lowest temperature the compact cache serves; a trial's loss.temperature must lie in
+    [grid_min_temperature, grid_max_temperature] (kd.soft_labels.check_temperatures)."""
+    grid_max_temperature: float = 8.0
+    """Highest temperature the compact cache serves."""
+    grid_points: int = 9
+    """Grid points (geometric in 1/T) of the compact cache: 8 bytes per token each."""
 
 
 @dataclass
@@ -118,34 +146,6 @@ class LossConfig:
     """Mixture weight of JSD(beta); in (0, 1)."""
     skew_alpha: float = 0.1
     """Skew of skew KL; in [0, 1)."""
-    top_k: int = 0
-    """Teacher logits kept per token: 0 = all of them (dense), k > 0 = the top k (online: cut
-    per batch; cache: the k it stores). Dense by default, also for the cache, because top-k
-    with the truncated teacher of kd.losses is close to dense only near T = 1: for k = 128
-    bench/topk_exactness.py measured a loss error of 3.5% at T = 1 but 1.5x at T = 2 and 20x
-    at T = 4 on the world's teacher (V = 2048), worse on synthetic V = 32000 logits, while
-    temperature sweeps span 0.5-20 (BENCHMARKS.md). A dense cache costs 2 bytes x V per
-    token (fp16); set k for vocabularies where that does not fit, and sweep near T = 1."""
-    teacher_mode: str = "online"
-    """``online``: run the teacher on every batch of every trial. ``cache``: read its top-k
-    logits from the soft-label cache (:mod:`kd.soft_labels`), built once per teacher, data
-    and k; a sweep builds it before its trials, which then never load the teacher."""
-    soft_labels_dir: str = ""
-    """Where soft-label caches live; empty = ``cache_dir()/soft_labels``. On a cluster, a
-    directory every node reads (a sweep uses its output dir there)."""
-    soft_label_format: str = "auto"
-    """What the cache stores per token: ``dense`` (all V logits, 2 V bytes), ``compact``
-    (top-k logits + the tail's log-partition on the temperature grid: exact on k + 1
-    buckets at every T of the grid, :mod:`kd.compact`), ``topk`` (top-k renormalised:
-    exact only at T = 1) or ``auto``: dense up to kd.soft_labels.AUTO_DENSE_MAX_VOCAB
-    (8,192: 16 KB per token) when top_k = 0, else compact."""
-    grid_min_temperature: float = 0.5
-    """Lowest temperature the compact cache serves; a trial's loss.temperature must lie in
-    [grid_min_temperature, grid_max_temperature] (kd.soft_labels.check_temperatures)."""
-    grid_max_temperature: float = 8.0
-    """Highest temperature the compact cache serves."""
-    grid_points: int = 9
-    """Grid points (geometric in 1/T) of the compact cache: 8 bytes per token each."""
 
 
 @dataclass
@@ -258,6 +258,13 @@ ALLOWED: dict[str, str] = {
     "teacher.steps": "integer >= 1",
     "teacher.batch_size": "integer >= 1, at most the training blocks",
     "teacher.lr": "number > 0",
+    "teacher.mode": " | ".join(TEACHER_MODES),
+    "teacher.top_k": "integer in [0, 65536]",
+    "teacher.soft_labels_dir": "empty or a directory",
+    "teacher.soft_label_format": " | ".join(SOFT_LABEL_FORMATS),
+    "teacher.grid_min_temperature": "number > 0",
+    "teacher.grid_max_temperature": "number > teacher.grid_min_temperature",
+    "teacher.grid_points": "integer in [2, 64]",
     "student.source": "empty, a hub id, or an existing local save_pretrained directory",
     "student.n_layer": "integer >= 1",
     "student.n_embd": "integer >= 1, divisible by the student's heads",
@@ -276,13 +283,6 @@ ALLOWED: dict[str, str] = {
     "loss.divergence": " | ".join(DIVERGENCES),
     "loss.jsd_beta": "number in (0, 1)",
     "loss.skew_alpha": "number in [0, 1)",
-    "loss.top_k": "integer in [0, 65536]",
-    "loss.soft_label_format": " | ".join(SOFT_LABEL_FORMATS),
-    "loss.grid_min_temperature": "number > 0",
-    "loss.grid_max_temperature": "number > loss.grid_min_temperature",
-    "loss.grid_points": "integer in [2, 64]",
-    "loss.teacher_mode": " | ".join(TEACHER_MODES),
-    "loss.soft_labels_dir": "empty or a directory",
     "train.steps": "integer >= 1",
     "train.batch_size": "integer >= 1, at most the training blocks",
     "train.lr": "number > 0",
@@ -314,6 +314,32 @@ def describe_keys(cls: type = KDConfig, prefix: str = "", defaults: Any = None) 
         shown = str(value).lower() if isinstance(value, bool) else (repr(value) if value == "" else str(value))
         out.append((key, shown, ALLOWED.get(key, ""), docs[f.name]))
     return out
+
+
+#: Keys that moved, old name -> new name. The soft-label settings describe the teacher's
+#: outputs, not the loss computed from them (issue 14). An old name is refused in one
+#: line that gives the new one (a silent alias would keep two names for one knob in
+#: YAML files, sweep spaces and MLflow params).
+MOVED: dict[str, str] = {
+    "loss.teacher_mode": "teacher.mode",
+    "loss.top_k": "teacher.top_k",
+    "loss.soft_labels_dir": "teacher.soft_labels_dir",
+    "loss.soft_label_format": "teacher.soft_label_format",
+    "loss.grid_min_temperature": "teacher.grid_min_temperature",
+    "loss.grid_max_temperature": "teacher.grid_max_temperature",
+    "loss.grid_points": "teacher.grid_points",
+}
+
+
+def _moved_key(key: str, value: Any) -> ConfigError:
+    new = MOVED[key]
+    try:
+        shown = _coerce(new, value, flat_keys()[new])
+    except ConfigError:
+        shown = value
+    shown = str(shown).lower() if isinstance(shown, bool) else shown
+    return ConfigError(f"{key}={shown!r} is not allowed: the key moved to {new} ({ALLOWED[new]}); "
+                       f"use {new}={shown}")
 
 
 def _unknown_key(key: str) -> ConfigError:
@@ -374,6 +400,8 @@ def apply_overrides(cfg: KDConfig, overrides: dict[str, Any]) -> KDConfig:
     )
     keys = flat_keys()
     for key, value in overrides.items():
+        if key in MOVED:
+            raise _moved_key(key, value)
         if key not in keys:
             raise _unknown_key(key)
         target: Any = cfg
@@ -490,18 +518,6 @@ def validate(cfg: KDConfig) -> None:
     _check_choice("loss.divergence", l.divergence, DIVERGENCES)
     _check(0.0 < l.jsd_beta < 1.0, "loss.jsd_beta", l.jsd_beta, "must be in (0, 1)")
     _check(0.0 <= l.skew_alpha < 1.0, "loss.skew_alpha", l.skew_alpha, "must be in [0, 1)")
-    _check(l.top_k >= 0, "loss.top_k", l.top_k, "must be >= 0 (0 = dense online, the default k for the cache)")
-    _check_choice("loss.teacher_mode", l.teacher_mode, TEACHER_MODES)
-    _check(l.top_k <= 65536, "loss.top_k", l.top_k, "must be <= 65536")
-    _check_choice("loss.soft_label_format", l.soft_label_format, SOFT_LABEL_FORMATS)
-    _check(l.grid_min_temperature > 0, "loss.grid_min_temperature", l.grid_min_temperature, "must be > 0")
-    _check(l.grid_max_temperature > l.grid_min_temperature, "loss.grid_max_temperature", l.grid_max_temperature,
-           f"must be > loss.grid_min_temperature={l.grid_min_temperature}")
-    _check(2 <= l.grid_points <= 64, "loss.grid_points", l.grid_points, "must be in [2, 64]")
-    if l.teacher_mode == "cache" and l.soft_label_format == "compact":
-        _check(l.grid_min_temperature <= l.temperature <= l.grid_max_temperature, "loss.temperature",
-               l.temperature, f"must be in the compact cache's grid [{l.grid_min_temperature}, "
-               f"{l.grid_max_temperature}] (loss.grid_min_temperature, loss.grid_max_temperature)")
 
     _check_choice("teacher.arch", t.arch, ARCHS)
     for key, v in (("teacher.n_layer", t.n_layer), ("teacher.n_embd", t.n_embd), ("teacher.n_head", t.n_head),
@@ -510,6 +526,18 @@ def validate(cfg: KDConfig) -> None:
     _check(t.n_embd % t.n_head == 0, "teacher.n_embd", t.n_embd,
            f"must be divisible by teacher.n_head={t.n_head}")
     _check(t.lr > 0, "teacher.lr", t.lr, "must be > 0")
+    _check_choice("teacher.mode", t.mode, TEACHER_MODES)
+    _check(t.top_k >= 0, "teacher.top_k", t.top_k, "must be >= 0 (0 = dense online, the default k for the cache)")
+    _check(t.top_k <= 65536, "teacher.top_k", t.top_k, "must be <= 65536")
+    _check_choice("teacher.soft_label_format", t.soft_label_format, SOFT_LABEL_FORMATS)
+    _check(t.grid_min_temperature > 0, "teacher.grid_min_temperature", t.grid_min_temperature, "must be > 0")
+    _check(t.grid_max_temperature > t.grid_min_temperature, "teacher.grid_max_temperature", t.grid_max_temperature,
+           f"must be > teacher.grid_min_temperature={t.grid_min_temperature}")
+    _check(2 <= t.grid_points <= 64, "teacher.grid_points", t.grid_points, "must be in [2, 64]")
+    if t.mode == "cache" and t.soft_label_format == "compact":
+        _check(t.grid_min_temperature <= l.temperature <= t.grid_max_temperature, "loss.temperature",
+               l.temperature, f"must be in the compact cache's grid [{t.grid_min_temperature}, "
+               f"{t.grid_max_temperature}] (teacher.grid_min_temperature, teacher.grid_max_temperature)")
     if t.source != "train" and _is_local_path(t.source):
         _check(Path(t.source).expanduser().exists(), "teacher.source", t.source,
                "a local path must exist (or use 'train' or a hub id)")
@@ -554,10 +582,3 @@ def validate(cfg: KDConfig) -> None:
     _check_choice("train.precision", tr.precision, PRECISIONS)
     _check_choice("train.compile", tr.compile, COMPILE_MODES)
 
-
-def fingerprint(obj: Any) -> str:
-    """A short stable hash of a config (or any JSON-able value) for cache keys."""
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]

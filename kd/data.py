@@ -5,15 +5,13 @@ local .txt/.jsonl/.json/.parquet files (a file or a directory; files whose names
 with ``valid``/``val``/``test`` become those splits). Loading goes through Hugging Face
 ``datasets`` so hub ids and local files take one path. Documents are joined with the
 tokenizer's eos token and cut into blocks of ``data.block_size`` tokens; the packed
-blocks are cached as safetensors keyed by a fingerprint of the data config and the
-tokenizer, so every trial of a sweep reuses them.
+blocks are cached as safetensors keyed by a fingerprint (:mod:`kd.cache`) of the data
+config, the source's contents (a local file by its sha256, not its path: an edited file
+is packed again) and the tokenizer, so every trial of a sweep reuses them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from kd.config import ConfigError, DataConfig, fingerprint
+from kd.cache import atomic_file, file_digest, fingerprint
+from kd.config import ConfigError, DataConfig
 from kd.paths import cache_dir
 
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -77,7 +76,7 @@ def load_texts(cfg: DataConfig) -> dict[str, list[str]]:
         world = ensure_world(cfg.world_size, cfg.world_seed)
         ds = datasets.load_dataset("json", data_files={"train": str(world / "train.jsonl"),
                                                        "validation": str(world / "val.jsonl")})
-    elif Path(cfg.source).expanduser().exists() or cfg.source.startswith((".", "/", "~")):
+    elif _is_local(cfg.source):
         files = _local_files(cfg.source)
         builder = _BUILDERS[Path(files["train"][0]).suffix]
         ds = datasets.load_dataset(builder, data_files=files)
@@ -114,19 +113,45 @@ def _pack(texts: list[str], tokenizer: PreTrainedTokenizerBase, block_size: int)
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of the tokenizer's full definition (vocab, merges, normalisation, specials)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    blob = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    definition = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    return fingerprint({"kind": "tokenizer", "definition": definition})
 
 
-def blocks_fingerprint(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> str:
-    """Cache key of the packed blocks: every data setting plus the tokenizer."""
+def _is_local(source: str) -> bool:
+    return Path(source).expanduser().exists() or source.startswith((".", "/", "~"))
+
+
+def source_key(cfg: DataConfig) -> dict:
+    """What the text of ``cfg.source`` is, for cache keys: values, never a name of something mutable.
+
+    The world: its fingerprint (size, seed, generator version). A local file or directory:
+    the sha256 of every file it is read from, streamed and remembered per file identity
+    (:func:`kd.cache.file_digest`), with each file's name relative to the source (a
+    ``valid*``/``test*`` name decides its split). A hub dataset: its id and config (its
+    revision is the hub's business).
+    """
     if cfg.source == "world":
         from kd.world import ensure_world
 
-        source_key = ensure_world(cfg.world_size, cfg.world_seed).name  # the world's fingerprint
-    else:
-        source_key = cfg.source
-    return fingerprint({"data": asdict(cfg), "source": source_key, "tok": tokenizer_fingerprint(tokenizer)})
+        return {"world": ensure_world(cfg.world_size, cfg.world_seed).name}
+    if _is_local(cfg.source):
+        root = Path(cfg.source).expanduser()
+        memo = cache_dir() / "file_digests.json"
+        files = {}
+        for split, names in _local_files(cfg.source).items():
+            for name in names:
+                rel = Path(name).name if root.is_file() else str(Path(name).relative_to(root))
+                files[rel] = {"split": split, "sha256": file_digest(Path(name), memo)}
+        return {"files": files}
+    return {"hub": cfg.source, "hub_config": cfg.hub_config}
+
+
+def blocks_fingerprint(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    """Cache key of the packed blocks: every data setting, the source's contents and the tokenizer."""
+    data = asdict(cfg)
+    data.pop("source")  # a path or an id: the source key says what it holds
+    return fingerprint({"kind": "blocks", "data": data, "source": source_key(cfg),
+                        "tokenizer": tokenizer_fingerprint(tokenizer)})
 
 
 def load_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Blocks:
@@ -155,8 +180,6 @@ def load_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Blocks:
     if test is not None and len(test):
         tensors["test"] = test
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent trial sees the whole file or none
+    with atomic_file(path) as tmp:  # a concurrent trial sees the whole file or none
+        save_file(tensors, str(tmp))
     return Blocks(train, val, tensors.get("test"))

@@ -66,6 +66,37 @@ def uses_bf16(device: torch.device, precision: str) -> bool:
     return device.type == "cpu" and cpu_bf16_is_fast()
 
 
+def resolve_precision(device: torch.device | str, precision: str) -> str:
+    """``bf16`` or ``fp32``: what ``precision`` means on ``device`` (a name as ``train.device``).
+
+    What goes into a cache key: ``auto`` means different arithmetic on different hardware,
+    so a key stores what it resolved to. A CUDA device this process cannot see (a CPU head
+    naming its workers' GPUs) resolves as the GPUs since Ampere do, to ``bf16``.
+    """
+    if precision != "auto":
+        return precision
+    if isinstance(device, str):
+        device = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available())
+                              else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "bf16"
+    return "bf16" if uses_bf16(device, precision) else "fp32"
+
+
+def precisions_served(device: torch.device | str, precision: str) -> tuple[str, ...]:
+    """The resolved precisions whose cache entries a run with ``precision`` may use, best first.
+
+    An explicit ``fp32`` or ``bf16`` takes only entries built in it. ``auto`` takes the
+    entry of what it resolves to here, else one built in the other: ``auto`` asks for
+    whatever is fast on the machine that builds, and a sweep builds its teacher and soft
+    labels once on the driver's machine (a CPU head) for trials on other hardware (GPUs).
+    """
+    resolved = resolve_precision(device, precision)
+    if precision != "auto":
+        return (resolved,)
+    return (resolved, "fp32" if resolved == "bf16" else "bf16")
+
+
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast where asked or (``auto``) where the hardware is fast at it."""
     if not uses_bf16(device, precision):

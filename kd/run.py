@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import torch
 
-from kd.config import KDConfig, fingerprint
+from kd.cache import fingerprint, write_atomic
+from kd.config import KDConfig
 from kd.data import load_blocks
 from kd.models import build_student, check_same_tokenizer, load_pretrained, load_tokenizer
 from kd.paths import cache_dir
@@ -49,29 +50,45 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, cfg: KDConfig, *, lat
     return out
 
 
+#: Bump whenever what the teacher's reference figures measure changes (it is in their key).
+TEACHER_METRICS_VERSION = 2
+
+
 def teacher_metrics(teacher: torch.nn.Module | None, tokenizer: Any, teacher_source: str, cfg: KDConfig,
-                    val_blocks: torch.Tensor, load: Callable[[], torch.nn.Module] | None = None) -> dict[str, float]:
+                    val_blocks: torch.Tensor, load: Callable[[], torch.nn.Module] | None = None,
+                    device: torch.device | None = None) -> dict[str, float]:
     """The teacher's reference figures, computed once per teacher and data and cached.
 
     ``teacher`` may be None with a ``load`` callable: the teacher is then loaded only when
     the figures are not cached yet (a cache-mode trial never loads it: kd.sweep computes
-    them before the trials start).
+    them before the trials start). ``device``: where the teacher runs (default: where
+    ``teacher`` is, else the CPU), which resolves ``train.precision=auto`` for the key.
+    The key holds the teacher's weights (by contents), the tokenizer, the blocks (data
+    settings and the source's contents) and the precision; latency figures are those of
+    the machine that computed them.
     """
+    from kd.data import blocks_fingerprint, tokenizer_fingerprint
+    from kd.device import precisions_served
+    from kd.soft_labels import weights_fingerprint
     from kd.train import validation_loss
 
-    key = fingerprint({"teacher": teacher_source, "data": cfg.data.__dict__, "v": 1})
-    path = cache_dir() / "teacher_metrics" / f"{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    if device is None:
+        device = next(teacher.parameters()).device if teacher is not None else torch.device("cpu")
+    base = {"kind": "teacher_metrics", "version": TEACHER_METRICS_VERSION,
+            "teacher": weights_fingerprint(teacher_source), "tokenizer": tokenizer_fingerprint(tokenizer),
+            "blocks": blocks_fingerprint(cfg.data, tokenizer)}
+    served = precisions_served(device, cfg.train.precision)
+    paths = [cache_dir() / "teacher_metrics" / f"{fingerprint({**base, 'precision': p})}.json" for p in served]
+    for path in paths:
+        if path.exists():
+            return json.loads(path.read_text())
     if teacher is None:
         teacher = load()
-    device = next(teacher.parameters()).device
+    teacher = teacher.to(device)
     metrics = evaluate_model(teacher, tokenizer, cfg)
-    metrics["val_loss"] = validation_loss(teacher, val_blocks, len(tokenizer), device=device, precision=cfg.train.precision)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=1))
-    os.replace(tmp, path)
+    metrics["val_loss"] = validation_loss(teacher, val_blocks, len(tokenizer), device=device, precision=served[0])
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(paths[0], json.dumps(metrics, indent=1).encode())
     return metrics
 
 
@@ -150,7 +167,7 @@ def distill(
 
     teacher_source = ensure_teacher(cfg, progress=progress)
     trust = cfg.teacher.trust_remote_code
-    cached = cfg.loss.teacher_mode == "cache"
+    cached = cfg.teacher.mode == "cache"
 
     def load_teacher() -> torch.nn.Module:
         return load_pretrained(teacher_source, trust_remote_code=trust)[0].to(device)
@@ -181,7 +198,7 @@ def distill(
         teacher_fn = ensure_soft_labels(cfg, teacher_source, tokenizer, blocks.train,
                                         progress=progress).teacher_fn(device)
     elif cfg.loss.kd_weight > 0:
-        teacher_fn = online_teacher(teacher.to(device), n_vocab, device, cfg.train.precision, top_k=cfg.loss.top_k)
+        teacher_fn = online_teacher(teacher.to(device), n_vocab, device, cfg.train.precision, top_k=cfg.teacher.top_k)
     if report is not None and eval_steps and hooks.rank == 0:
         report = _with_tasks(report, student, tokenizer, cfg, set(eval_steps))
     final = train(student, blocks.train, blocks.val, n_vocab=n_vocab, loss_cfg=cfg.loss, cfg=cfg.train,
@@ -197,7 +214,7 @@ def distill(
     if evaluate:
         metrics.update(evaluate_model(student, tokenizer, cfg, latency=latency))
         ref = teacher_metrics(teacher.to(device) if teacher is not None else None, tokenizer, teacher_source, cfg,
-                              blocks.val, load=load_teacher)
+                              blocks.val, load=load_teacher, device=device)
         metrics.update({f"teacher_{k}": v for k, v in ref.items()})
         if "acc_mean" in metrics and ref.get("acc_mean"):
             metrics["retention"] = metrics["acc_mean"] / ref["acc_mean"]

@@ -3,7 +3,7 @@
 Every trial of a sweep distils from the same teacher on the same blocks, so its outputs
 are computed once and a trial reads them instead of running the teacher. The
 cache keeps, per training block and position, the teacher's *raw* logits in fp16, in one
-of three layouts (``loss.soft_label_format``; :func:`resolve_format`): all V of them
+of three layouts (``teacher.soft_label_format``; :func:`resolve_format`): all V of them
 (``dense``, exact at every temperature; the default up to V = 8,192), ``compact`` (the k
 largest + their ids + the tail's log-partition on a grid of 1/T, :mod:`kd.compact`:
 exact on k + 1 buckets at every T of the grid; the default above), or ``topk`` (the k
@@ -12,14 +12,16 @@ else int32. The temperature is applied
 at training time (:func:`kd.losses.distillation_loss` takes them as ``teacher_logits``,
 or ``topk_values``/``topk_indices``), so one cache serves a whole temperature sweep.
 
-Layout, under ``loss.soft_labels_dir`` (default ``cache_dir()/soft_labels``)::
+Layout, under ``teacher.soft_labels_dir`` (default ``cache_dir()/soft_labels``)::
 
     <fingerprint>/manifest.json                 key, k, shapes, dtypes, sha256 per shard
     <fingerprint>/shard-00000.safetensors       block_index (n,), topk_values (n, T, k) and,
     ...                                         unless k = V, topk_indices (n, T, k); T = block_size - 1
 
-The fingerprint covers the teacher's weights (a hash of its safetensors files), the
-tokenizer, the packed blocks, the block length, k and the precision setting. A cache is
+The fingerprint (:func:`kd.cache.fingerprint` of :func:`cache_key`) covers the teacher's
+weights (a hash of its safetensors files), the tokenizer, the packed blocks (by the
+source's contents), the block length, k, the grid and the precision (resolved: ``auto``
+on this machine). A cache is
 written into a temp dir and renamed into place (readers see all of it or nothing), and
 checked before use: a shard whose sha256 differs from the manifest, or a manifest whose
 key differs from the one asked for, raises :class:`SoftLabelsError` (one line) and
@@ -39,7 +41,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,19 +50,19 @@ import numpy as np
 import torch
 from safetensors.numpy import save as save_numpy
 
+from kd.cache import file_digest, fingerprint, temp_dir_beside
 from kd.cache import publish_dir as _publish
 from kd.cache import sha256_file as _sha256_file
-from kd.cache import write_atomic as _write_atomic
 from kd.compact import compress, temperature_grid
-from kd.config import ConfigError, KDConfig, fingerprint
+from kd.config import ConfigError, KDConfig
 from kd.paths import cache_dir
 
 FORMAT = 1
-#: ``loss.soft_label_format=auto`` stores every logit up to this vocabulary (2 bytes x V:
+#: ``teacher.soft_label_format=auto`` stores every logit up to this vocabulary (2 bytes x V:
 #: 16 KB per token, the world's 2,048 is 4 KB) and the compact format above it (at
 #: V = 32,000, k = 64: 328 bytes, 0.5% of dense).
 AUTO_DENSE_MAX_VOCAB = 8192
-#: k of the compact (and top-k) format when loss.top_k = 0.
+#: k of the compact (and top-k) format when teacher.top_k = 0.
 DEFAULT_K = 64
 TAIL_FIELDS = ("tail_lse", "tail_slope")
 MANIFEST = "manifest.json"
@@ -83,11 +84,13 @@ class SoftLabelsError(RuntimeError):
 
 
 def weights_fingerprint(source: str) -> str:
-    """A hash of the teacher's weights: sha256 over its safetensors files (names and bytes).
+    """A hash of the teacher's weights: sha256 over its safetensors files (names and bytes)
+    and its ``config.json`` (the architecture that turns the weights into logits).
 
     For a hub id, the files of the locally cached snapshot. The full hash of a large
-    teacher takes a while (~1 GB/s), so it is remembered per file path, size and mtime in
-    ``cache_dir()/soft_labels/weights.json``: a trial only stats the files.
+    teacher takes a while (~1 GB/s), so it is remembered per file identity (path, size,
+    inode, mtime, ctime) in ``cache_dir()/file_digests.json`` (:func:`kd.cache.file_digest`):
+    a trial only stats the files.
     """
     root = Path(source).expanduser()
     if not root.is_dir():
@@ -100,22 +103,10 @@ def weights_fingerprint(source: str) -> str:
     files = sorted(root.glob("*.safetensors"))
     if not files:
         raise SoftLabelsError(f"teacher {source!r} has no .safetensors weights to fingerprint")
-    memo_path = cache_dir() / "soft_labels" / "weights.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    parts, changed = [], False
-    for f in files:
-        st = f.stat()
-        ident = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        if ident not in memo:
-            memo[ident], changed = _sha256_file(f), True
-        parts.append((f.name, memo[ident]))
-    if changed:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(memo_path, json.dumps(memo, indent=1).encode())
-    return fingerprint({"weights": parts})
+    memo = cache_dir() / "file_digests.json"
+    config = root / "config.json"
+    return fingerprint({"weights": [(f.name, file_digest(f, memo)) for f in files],
+                        "config": file_digest(config, memo) if config.is_file() else None})
 
 
 def resolve_format(cfg: KDConfig, n_vocab: int) -> tuple[str, int]:
@@ -124,7 +115,7 @@ def resolve_format(cfg: KDConfig, n_vocab: int) -> tuple[str, int]:
     ``auto``: dense while top_k = 0 and V <= :data:`AUTO_DENSE_MAX_VOCAB`, else compact.
     A k at or above V is dense whatever the format (every logit is kept).
     """
-    fmt, k = cfg.loss.soft_label_format, cfg.loss.top_k
+    fmt, k = cfg.teacher.soft_label_format, cfg.teacher.top_k
     if fmt == "auto":
         fmt = "dense" if k == 0 and n_vocab <= AUTO_DENSE_MAX_VOCAB else "compact"
     if fmt == "dense":
@@ -134,8 +125,9 @@ def resolve_format(cfg: KDConfig, n_vocab: int) -> tuple[str, int]:
 
 
 def grid_betas(cfg: KDConfig) -> tuple[float, ...]:
-    """The compact format's inverse temperatures, from loss.grid_*."""
-    return temperature_grid(cfg.loss.grid_min_temperature, cfg.loss.grid_max_temperature, cfg.loss.grid_points)
+    """The compact format's inverse temperatures, from teacher.grid_*."""
+    t = cfg.teacher
+    return temperature_grid(t.grid_min_temperature, t.grid_max_temperature, t.grid_points)
 
 
 def check_temperatures(cfg: KDConfig, low: float, high: float, n_vocab: int | None = None) -> None:
@@ -145,21 +137,26 @@ def check_temperatures(cfg: KDConfig, low: float, high: float, n_vocab: int | No
     trials may take. Only the compact format is limited (to its grid); dense and top-k
     caches take any T. With ``n_vocab`` unknown, ``auto`` is checked as if compact.
     """
-    if cfg.loss.teacher_mode != "cache" or cfg.loss.kd_weight == 0:
+    if cfg.teacher.mode != "cache" or cfg.loss.kd_weight == 0:
         return
-    fmt = resolve_format(cfg, n_vocab)[0] if n_vocab else cfg.loss.soft_label_format
+    fmt = resolve_format(cfg, n_vocab)[0] if n_vocab else cfg.teacher.soft_label_format
     if fmt not in ("compact", "auto"):
         return
-    lo, hi = cfg.loss.grid_min_temperature, cfg.loss.grid_max_temperature
+    lo, hi = cfg.teacher.grid_min_temperature, cfg.teacher.grid_max_temperature
     if not (lo <= low <= high <= hi):
         raise ConfigError(f"loss.temperature range [{low:g}, {high:g}] is not allowed: the compact soft-label "
-                          f"cache serves T in [{lo:g}, {hi:g}]; widen loss.grid_min_temperature/"
-                          "loss.grid_max_temperature or narrow the sweep")
+                          f"cache serves T in [{lo:g}, {hi:g}]; widen teacher.grid_min_temperature/"
+                          "teacher.grid_max_temperature or narrow the sweep")
 
 
-def cache_key(cfg: KDConfig, teacher_source: str, tokenizer: Any) -> dict[str, Any]:
-    """Everything the cached logits depend on (the fingerprint hashes this)."""
+def cache_key(cfg: KDConfig, teacher_source: str, tokenizer: Any, precision: str | None = None) -> dict[str, Any]:
+    """Everything the cached logits depend on (the fingerprint hashes this).
+
+    ``precision``: the teacher pass's, resolved (``bf16`` or ``fp32``); by default what
+    ``train.precision`` resolves to here (:func:`kd.device.resolve_precision`).
+    """
     from kd.data import blocks_fingerprint, tokenizer_fingerprint
+    from kd.device import resolve_precision
 
     n_vocab = len(tokenizer)
     fmt, k = resolve_format(cfg, n_vocab)
@@ -170,7 +167,7 @@ def cache_key(cfg: KDConfig, teacher_source: str, tokenizer: Any) -> dict[str, A
         "blocks": blocks_fingerprint(cfg.data, tokenizer),
         "block_size": cfg.data.block_size,
         "k": k,  # k = V: dense
-        "precision": cfg.train.precision,
+        "precision": precision or resolve_precision(cfg.train.device, cfg.train.precision),
     }
     if fmt == "compact":  # the grid, not the temperature: one cache serves a sweep's range
         key.update(layout="compact", betas=list(grid_betas(cfg)))
@@ -178,7 +175,8 @@ def cache_key(cfg: KDConfig, teacher_source: str, tokenizer: Any) -> dict[str, A
 
 
 def cache_root(cfg: KDConfig) -> Path:
-    return Path(cfg.loss.soft_labels_dir).expanduser() if cfg.loss.soft_labels_dir else cache_dir() / "soft_labels"
+    root = cfg.teacher.soft_labels_dir
+    return Path(root).expanduser() if root else cache_dir() / "soft_labels"
 
 
 def cache_path(cfg: KDConfig, key: dict[str, Any]) -> Path:
@@ -205,7 +203,8 @@ class TopKTeacher:
         blocks: the training blocks (N, L) int64, or a Ray ObjectRef to them.
         n_vocab: the tokenizer's length (logits past it are LM-head padding).
         k: logits kept per token.
-        precision: ``train.precision`` (bf16 autocast where fast, as the online teacher).
+        precision: the cache key's (``bf16`` or ``fp32``, resolved by :func:`ensure_soft_labels`
+            where the key is made, so that every actor computes what the key says).
         threads: torch threads (Ray sets OMP_NUM_THREADS=1 in its workers).
     """
 
@@ -306,13 +305,7 @@ def write_cache(path: Path, key: dict[str, Any], batches: Iterable[dict[str, np.
     If ``path`` holds a bad cache it is moved aside first; if another process published a
     cache there meanwhile, theirs is kept and ours dropped.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
-    # mkdtemp makes it 0700; a cache on shared storage must be readable by the cluster's
-    # other nodes (and users), as the umask allows for any directory.
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    tmp = temp_dir_beside(path)  # readable by the cluster's other nodes, as the umask allows
     shards: list[dict[str, Any]] = []
     pending: list[dict[str, np.ndarray]] = []
     seen = np.zeros(n_blocks, dtype=bool)
@@ -570,19 +563,32 @@ def ensure_soft_labels(
         on_bad: ``rebuild`` a missing or bad cache, or ``raise`` :class:`SoftLabelsError`.
     """
     check_temperatures(cfg, cfg.loss.temperature, cfg.loss.temperature, len(tokenizer))
-    key = cache_key(cfg, teacher_source, tokenizer)
+    from kd.device import precisions_served
+
+    # The entry of the precision train.precision resolves to here; with auto, else a whole
+    # one another machine built in the other precision (kd.device.precisions_served).
+    served = precisions_served(cfg.train.device, cfg.train.precision)
+    key = cache_key(cfg, teacher_source, tokenizer, served[0])
     path = cache_path(cfg, key)
+    bad = None
     if path.exists():
         try:
             return _checked(load_soft_labels(path, key), train_blocks)
         except SoftLabelsError as e:
-            if on_bad != "rebuild":
-                raise
-            print(f"{e}; rebuilding it", file=sys.stderr, flush=True)
-    elif on_bad != "rebuild":
-        raise _fail(path, "not built yet")
+            bad = e
+    for precision in served[1:]:
+        other = cache_key(cfg, teacher_source, tokenizer, precision)
+        if cache_path(cfg, other).exists():
+            try:
+                return _checked(load_soft_labels(cache_path(cfg, other), other), train_blocks)
+            except SoftLabelsError:
+                pass  # not ours to rebuild: ours is built below
+    if on_bad != "rebuild":
+        raise bad or _fail(path, "not built yet")
+    if bad is not None:
+        print(f"{bad}; rebuilding it", file=sys.stderr, flush=True)
     args = dict(teacher_source=teacher_source, blocks=train_blocks, n_vocab=len(tokenizer), k=key["k"],
-                precision=cfg.train.precision, threads=cfg.train.threads, device=cfg.train.device,
+                precision=key["precision"], threads=cfg.train.threads, device=cfg.train.device,
                 trust_remote_code=cfg.teacher.trust_remote_code, betas=key.get("betas"))
     if progress:
         print(f"soft labels: teacher {key.get('layout', 'top')}-{key['k']} logits for {len(train_blocks)} blocks ({backend}) -> {path}",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -26,6 +25,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch.utils.data import DataLoader, TensorDataset
 
+from kd.cache import building_dir
 from kd.config import LossConfig, TrainConfig
 from kd.device import autocast_for, pick_device, use_threads
 from kd.models import logits_for
@@ -184,18 +184,16 @@ def online_teacher(teacher: torch.nn.Module, n_vocab: int, device: torch.device,
 def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
                     sched: torch.optim.lr_scheduler.LRScheduler, state: State) -> Path:
     """Weights as safetensors; optimizer/scheduler tensors via torch.save (loaded weights_only)."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(_unwrap(model), str(tmp / "model.safetensors"))
-    # The RNG state too: dropout draws from it, and an exact resume must replay them.
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}, tmp / "optim.pt")
-    (tmp / "state.json").write_text(json.dumps(state.__dict__))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    # Built beside ``path`` and swapped in (kd.cache.building_dir): the old checkpoint is
+    # replaced only by a whole new one.
+    with building_dir(path) as tmp:
+        save_model(_unwrap(model), str(tmp / "model.safetensors"))
+        # The RNG state too: dropout draws from it, and an exact resume must replay them.
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}, tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps(state.__dict__))
     return path
 
 

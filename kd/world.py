@@ -30,14 +30,12 @@ Pure Python (``random.Random(seed)``) and byte-identical for a seed; torch is ne
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kd.config import WORLD_SIZES, ConfigError, fingerprint
+from kd.cache import building_dir, fingerprint
+from kd.config import WORLD_SIZES, ConfigError
 from kd.paths import cache_dir
 from kd.world_render import (ATTRIBUTES, CHOICE_CONTEXTS, STORY_TEMPLATES, Person, Pools,
                              answer_aliases, make_people, make_pools, question, render_bio,
@@ -276,24 +274,18 @@ def ensure_world(size: str = "default", seed: int = 0) -> Path:
     """Build the world once under ``cache_dir()/worlds/<fingerprint>/``; return that directory.
 
     A second call (any process) is a cache hit. The files are written to a temporary
-    directory beside the target and renamed into place, so an interrupted build leaves no
-    half-written world.
+    directory beside the target and renamed into place (:func:`kd.cache.building_dir`), so
+    an interrupted build leaves no half-written world; a directory there without
+    ``world.json`` is such a leftover and is replaced.
     """
     _check_size(size)
-    root = cache_dir() / "worlds"
-    final = root / world_fingerprint(size, seed)
-    if (final / "world.json").is_file():
+    final = cache_dir() / "worlds" / world_fingerprint(size, seed)
+    if _world_complete(final):
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
+    with building_dir(final, complete=_world_complete) as tmp:
         write_world(generate_world(size, seed), tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first: keep its copy
-            if not (final / "world.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _world_complete(path: Path) -> bool:
+    return (path / "world.json").is_file()

@@ -58,6 +58,39 @@ def test_bad_values_name_key_value_and_allowed(override, needle):
     assert "\n" not in msg
 
 
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("loss.top_k=64", "loss.top_k=64 is not allowed: the key moved to teacher.top_k (integer in [0, 65536]); "
+                          "use teacher.top_k=64"),
+        ("loss.teacher_mode=cache", "loss.teacher_mode='cache' is not allowed: the key moved to teacher.mode "
+                                    "(online | cache); use teacher.mode=cache"),
+        ("loss.soft_labels_dir=/x", "the key moved to teacher.soft_labels_dir"),
+        ("loss.soft_label_format=compact", "the key moved to teacher.soft_label_format"),
+        ("loss.grid_min_temperature=1", "loss.grid_min_temperature=1.0 is not allowed: the key moved to "
+                                        "teacher.grid_min_temperature (number > 0)"),
+        ("loss.grid_max_temperature=16", "the key moved to teacher.grid_max_temperature"),
+        ("loss.grid_points=5", "the key moved to teacher.grid_points (integer in [2, 64]); use teacher.grid_points=5"),
+    ],
+)
+def test_soft_label_keys_moved_to_the_teacher_and_the_old_names_are_refused(override, needle, tmp_path):
+    """The soft-label settings describe the teacher's outputs (issue 14): the old loss.* names
+    are refused in one line, from --set and from a YAML file alike, naming the new key."""
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    key, value = override.split("=")
+    section, leaf = key.split(".")
+    f = tmp_path / "c.yaml"
+    f.write_text(f"{section}:\n  {leaf}: {value}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert needle in str(e.value)
+    new = e.value.args[0].split("the key moved to ")[1].split(" ")[0]
+    assert new in flat_keys() and new.startswith("teacher.")
+    assert load_config(overrides=[f"{new}={value}"])  # the new name takes the same value
+
+
 def test_missing_yaml_and_malformed_override(tmp_path):
     with pytest.raises(ConfigError, match="the file does not exist"):
         load_config(tmp_path / "nope.yaml")

@@ -29,10 +29,10 @@ K = 16
 
 
 def _cfg(tiny: dict, tmp: Path | None = None, **extra):
-    over = {**tiny, "train.precision": "fp32", "train.device": "cpu", "loss.teacher_mode": "cache",
-            "loss.top_k": K, "loss.soft_label_format": "topk", **extra}
+    over = {**tiny, "train.precision": "fp32", "train.device": "cpu", "teacher.mode": "cache",
+            "teacher.top_k": K, "teacher.soft_label_format": "topk", **extra}
     if tmp is not None:
-        over["loss.soft_labels_dir"] = str(tmp)
+        over["teacher.soft_labels_dir"] = str(tmp)
     return load_config(overrides=over)
 
 
@@ -50,7 +50,7 @@ def world(tiny_overrides, tmp_path_factory):
 def test_cache_layout_and_manifest(world):
     cfg, source, _, tok, blocks, labels = world
     m = labels.manifest
-    assert labels.path.name == m["fingerprint"] and labels.path.parent == Path(cfg.loss.soft_labels_dir)
+    assert labels.path.name == m["fingerprint"] and labels.path.parent == Path(cfg.teacher.soft_labels_dir)
     n, length = blocks.train.shape
     assert m["shape"] == [n, length - 1, K] and m["k"] == K and m["vocab"] == len(tok)
     assert labels.indices.dtype == torch.int16 and labels.values.dtype == torch.float16
@@ -84,7 +84,7 @@ def test_batches_carry_block_ids_that_the_reader_uses(world):
     at_cached = dense.gather(-1, out["topk_indices"].long())
     torch.testing.assert_close(at_cached, out["topk_values"].float(), **fp16)
     torch.testing.assert_close(dense.topk(K, -1).values, out["topk_values"].float(), **fp16)
-    # The online teacher with loss.top_k gives the same targets.
+    # The online teacher with teacher.top_k gives the same targets.
     online_k = online_teacher(teacher, len(tok), torch.device("cpu"), "fp32", top_k=K)(batch)
     torch.testing.assert_close(online_k["topk_values"].float(), out["topk_values"].float(), **fp16)
 
@@ -95,7 +95,7 @@ def test_dense_cache_gives_the_dense_loss(world, tmp_path, top_k):
     cfg, source, teacher, tok, _, _ = world
     k = len(tok) if top_k == "V" else top_k
     full = _cfg(cfg_overrides(cfg), tmp_path,
-                **{"loss.top_k": k, "data.max_blocks": 8, "loss.soft_label_format": "auto"})
+                **{"teacher.top_k": k, "data.max_blocks": 8, "teacher.soft_label_format": "auto"})
     blocks = load_blocks(full.data, tok)
     labels = ensure_soft_labels(full, source, tok, blocks.train)
     assert labels.manifest["k"] == len(tok) and labels.manifest["dense"] and labels.indices is None
@@ -117,8 +117,8 @@ def test_student_from_cache_matches_online_within_the_topk_gap(world, tmp_path):
     cfg = world[0]
     base = {**cfg_overrides(cfg), "loss.kd_weight": 1.0, "loss.temperature": 2.0, "train.eval_blocks": 0}
     runs = {}
-    for name, extra in {"cache": {}, "online_topk": {"loss.teacher_mode": "online"},
-                        "online_dense": {"loss.teacher_mode": "online", "loss.top_k": 0}}.items():
+    for name, extra in {"cache": {}, "online_topk": {"teacher.mode": "online"},
+                        "online_dense": {"teacher.mode": "online", "teacher.top_k": 0}}.items():
         c = load_config(overrides={**base, **extra, "output_dir": str(tmp_path / name)})
         runs[name] = distill(c, evaluate=False)
     gap = abs(runs["online_topk"]["val_loss"] - runs["online_dense"]["val_loss"])
@@ -244,8 +244,8 @@ def test_cache_directories_are_readable_by_other_users(world):
 
 
 @pytest.mark.parametrize("override, needle", [
-    ("loss.teacher_mode=offline", "loss.teacher_mode='offline' is not allowed: choose one of online, cache"),
-    ("loss.top_k=-1", "loss.top_k=-1 is not allowed: must be >= 0"),
+    ("teacher.mode=offline", "teacher.mode='offline' is not allowed: choose one of online, cache"),
+    ("teacher.top_k=-1", "teacher.top_k=-1 is not allowed: must be >= 0"),
 ])
 def test_bad_values_are_one_line(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -263,12 +263,12 @@ def test_ray_data_build_equals_the_local_one(world, tmp_path):
     from kd.sweep.driver import _prepare_soft_labels
 
     cfg, source, _, tok, blocks, labels = world
-    fixed = {**cfg_overrides(cfg), "loss.soft_labels_dir": str(tmp_path / "ray")}
+    fixed = {**cfg_overrides(cfg), "teacher.soft_labels_dir": str(tmp_path / "ray")}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="kdsl-", dir="/tmp"))
     try:
         ensure_soft_labels(apply_overrides(KDConfig(), fixed), source, tok, blocks.train, backend="ray")
-        prepared = apply_overrides(KDConfig(), {**fixed, "loss.soft_labels_dir": str(tmp_path / "driver")})
+        prepared = apply_overrides(KDConfig(), {**fixed, "teacher.soft_labels_dir": str(tmp_path / "driver")})
         _prepare_soft_labels(prepared)
     finally:
         ray.shutdown()

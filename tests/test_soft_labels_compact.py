@@ -53,8 +53,8 @@ def _cfg(root, **extra):
             "teacher.source": str(root / "teacher"), "student.n_layer": 1, "student.n_embd": 16,
             "train.steps": 2, "train.eval_every": 2, "train.eval_blocks": 2, "train.batch_size": 2,
             "train.warmup_steps": 1, "train.threads": 2, "train.precision": "fp32", "train.device": "cpu",
-            "train.compile": "false", "loss.teacher_mode": "cache", "loss.kd_weight": 1.0, "loss.temperature": 4.0,
-            "loss.top_k": 32, "loss.soft_labels_dir": str(root / "soft"), "output_dir": str(root / "run"), **extra}
+            "train.compile": "false", "teacher.mode": "cache", "loss.kd_weight": 1.0, "loss.temperature": 4.0,
+            "teacher.top_k": 32, "teacher.soft_labels_dir": str(root / "soft"), "output_dir": str(root / "run"), **extra}
     return load_config(overrides=over)
 
 
@@ -103,21 +103,24 @@ def test_temperatures_outside_the_grid_are_refused_in_one_line(big_teacher):
     with pytest.raises(ConfigError) as e:
         check_temperatures(cfg, 1.0, 16.0, VOCAB)
     assert "[1, 16] is not allowed" in str(e.value) and "\n" not in str(e.value)
-    check_temperatures(_cfg(big_teacher, **{"loss.soft_label_format": "dense"}), 0.1, 50.0, VOCAB)  # dense: any T
+    assert "widen teacher.grid_min_temperature/teacher.grid_max_temperature" in str(e.value)
+    wide = _cfg(big_teacher, **{"teacher.grid_max_temperature": 16.0})  # the moved grid keys are what it reads
+    check_temperatures(wide, 1.0, 16.0, VOCAB)
+    check_temperatures(_cfg(big_teacher, **{"teacher.soft_label_format": "dense"}), 0.1, 50.0, VOCAB)  # dense: any T
     with pytest.raises(ConfigError, match="loss.temperature=20.0 is not allowed: must be in the compact"):
-        _cfg(big_teacher, **{"loss.soft_label_format": "compact", "loss.temperature": 20.0})
-    with pytest.raises(ConfigError, match="loss.grid_points=1 is not allowed"):
-        _cfg(big_teacher, **{"loss.grid_points": 1})
-    with pytest.raises(ConfigError, match="loss.soft_label_format='sparse' is not allowed"):
-        _cfg(big_teacher, **{"loss.soft_label_format": "sparse"})
+        _cfg(big_teacher, **{"teacher.soft_label_format": "compact", "loss.temperature": 20.0})
+    with pytest.raises(ConfigError, match="teacher.grid_points=1 is not allowed"):
+        _cfg(big_teacher, **{"teacher.grid_points": 1})
+    with pytest.raises(ConfigError, match="teacher.soft_label_format='sparse' is not allowed"):
+        _cfg(big_teacher, **{"teacher.soft_label_format": "sparse"})
 
 
 def test_auto_format_follows_the_vocabulary(big_teacher):
-    cfg = _cfg(big_teacher, **{"loss.top_k": 0})
+    cfg = _cfg(big_teacher, **{"teacher.top_k": 0})
     assert resolve_format(cfg, 2048) == ("dense", 2048)
     assert resolve_format(cfg, 8192) == ("dense", 8192)
     assert resolve_format(cfg, 32000) == ("compact", 64)
-    assert resolve_format(_cfg(big_teacher, **{"loss.soft_label_format": "topk"}), 32000) == ("topk", 32)
+    assert resolve_format(_cfg(big_teacher, **{"teacher.soft_label_format": "topk"}), 32000) == ("topk", 32)
     assert np.iinfo(np.int16).max + 1 == VOCAB  # int16 ids reach exactly this vocabulary
 
 
@@ -135,7 +138,7 @@ def test_cache_keeps_token_ids_past_int16_and_17_bits(tmp_path, vocab):
              "topk_indices": idx.reshape(2, 3, 8).numpy().astype(np.int32),
              "tail_lse": lse.reshape(2, 3, 3).numpy(), "tail_slope": slope.reshape(2, 3, 3).numpy()}
     key = {"test": vocab, "layout": "compact", "betas": list(betas)}
-    from kd.config import fingerprint
+    from kd.cache import fingerprint
 
     path = write_cache(tmp_path / fingerprint(key), key, [batch], n_blocks=2, n_vocab=vocab)
     labels = load_soft_labels(path, key)

@@ -139,7 +139,7 @@ def _prepare_soft_labels(base: KDConfig) -> dict[str, float]:
     4.3x faster than Ray Data's actor pool on the same node (5.7 s against 24.3 s for the
     demo's 534 blocks: the pool's start-up and object transfers cost more than they spread).
     The trials then only read the cache and never load the teacher. A trial whose config
-    needs another cache (a searched ``loss.top_k``) builds its own.
+    needs another cache (a searched ``teacher.top_k``) builds its own.
     """
     from kd.data import load_blocks
     from kd.models import load_pretrained, load_tokenizer
@@ -150,7 +150,7 @@ def _prepare_soft_labels(base: KDConfig) -> dict[str, float]:
     trust = base.teacher.trust_remote_code
     tokenizer = load_tokenizer(source, trust_remote_code=trust)
     blocks = load_blocks(base.data, tokenizer)
-    if base.loss.teacher_mode == "cache":
+    if base.teacher.mode == "cache":
         from kd.soft_labels import ensure_soft_labels
 
         # The Ray Data actors load their own teacher; this process loads it only when the
@@ -198,10 +198,10 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
     prune = pruning(spec.objectives, base.train.steps, base.train.eval_every) if options.early_stop else None
     if options.prepare:
         _prepare(base, options.num_workers)
-    if options.address and base.loss.teacher_mode == "cache" and not base.loss.soft_labels_dir:
+    if options.address and base.teacher.mode == "cache" and not base.teacher.soft_labels_dir:
         # A cluster's nodes do not share ~/.cache: keep the soft labels beside the sweep's
         # results, which every node reads (cluster.yaml mounts shared storage there).
-        base = apply_overrides(base, {"loss.soft_labels_dir": str(out / "soft_labels")})
+        base = apply_overrides(base, {"teacher.soft_labels_dir": str(out / "soft_labels")})
     storage = out / "ray_results"
     _ray_init(options.address)
     tracker = parent_id = None

@@ -165,12 +165,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.steps": 150, "train.eval_every": 50, "train.eval_blocks": 32, "train.warmup_steps": 15,
         # Soft labels from a dense cache built once per sweep (exact: all V fp16 logits);
         # trials ran 1.6x faster on an idle machine here (bench/results/soft_label_speed.md).
-        "loss.teacher_mode": "cache",
+        "teacher.mode": "cache",
     },
     "full": {
         "student.init": "teacher",
         "teacher.steps": 1520, "train.steps": 760, "train.eval_every": 95, "train.warmup_steps": 40,
-        "loss.teacher_mode": "cache",
+        "teacher.mode": "cache",
     },
 }
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from kd.cache import write_atomic
+
 
 def without_credentials(uri: str) -> str:
     """``uri`` with any ``user:password@`` removed (what may be printed or written)."""
@@ -23,9 +25,7 @@ def without_credentials(uri: str) -> str:
 def dump_json(path: Path, data: Any) -> None:
     """Write JSON atomically (a temp file, then a rename): a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(_finite(data), indent=1, sort_keys=True, default=str).encode())
 
 
 def _finite(v: Any) -> Any:
