@@ -38,8 +38,8 @@ from kd.sweep import finalists, trial  # noqa: E402
 from kd.sweep.mlflow import MLflowTrials  # noqa: E402
 from kd.sweep.results import SweepResults, summarize  # noqa: E402
 from kd.sweep.search import pruning, searcher, to_tune  # noqa: E402
-from kd.sweep.spec import (META, SweepError, SweepOptions, SweepSpec, base_dict, check_objectives,  # noqa: E402
-                           check_space, space_to_json)
+from kd.sweep.spec import (META, SweepError, SweepOptions, SweepSpec, base_dict, check_cache_serves,  # noqa: E402
+                           check_objectives, check_space, corner_configs, space_to_json)
 from kd.sweep.util import dump_json, preflight  # noqa: E402
 
 #: The watcher of the local Ray session this process started (None: none started, or a cluster).
@@ -120,14 +120,16 @@ def _resources(num_workers: int, use_gpu: bool, force_train: bool = False) -> tu
     return {"cpu": 0, "memory": 64 << 20}, threads, max(1, per_trial)
 
 
-def _prepare(base: KDConfig, num_workers: int = 1) -> None:
-    """Check the batch sizes against the data, then build the world and train the teacher
-    once, here, before Ray starts or any trial needs them (a batch larger than the data
-    would otherwise fail every trial, one by one)."""
+def _prepare(base: KDConfig, num_workers: int = 1, configs: list[KDConfig] = ()) -> None:
+    """Check the batch sizes against the data and the trials' temperatures against the
+    soft-label cache, then build the world and train the teacher once, here, before Ray
+    starts or any trial needs them (a batch larger than the data would otherwise fail
+    every trial, one by one)."""
     from kd.preflight import check_training
     from kd.teacher import ensure_teacher
 
-    check_training(base, world_size=num_workers)
+    tokenizer = check_training(base, world_size=num_workers)
+    check_cache_serves([base, *configs], len(tokenizer))
     ensure_teacher(base, progress=True)
 
 
@@ -197,7 +199,7 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
 
     prune = pruning(spec.objectives, base.train.steps, base.train.eval_every) if options.early_stop else None
     if options.prepare:
-        _prepare(base, options.num_workers)
+        _prepare(base, options.num_workers, corner_configs(space, points, base))
     if options.address and base.teacher.mode == "cache" and not base.teacher.soft_labels_dir:
         # A cluster's nodes do not share ~/.cache: keep the soft labels beside the sweep's
         # results, which every node reads (cluster.yaml mounts shared storage there).

@@ -112,9 +112,30 @@ def check_space(space: Space, base: KDConfig) -> None:
             raise ConfigError(f"search space {key}: a log scale needs low > 0, got {dim.low!r}")
         if isinstance(dim, Choice) and not dim.values:
             raise ConfigError(f"search space {key}: a choice needs at least one value")
+    for cfg in corner_configs(space, [], base):
+        validate(cfg)
+
+
+def corner_configs(space: Space, points: list[dict[str, Any]], base: KDConfig) -> list[KDConfig]:
+    """``base`` at every corner of ``space`` (see :func:`check_space`) and at every point."""
     keys = list(space)
-    for combo in itertools.product(*(space[k].corners() for k in keys)):
-        validate(apply_overrides(base, dict(zip(keys, combo))))
+    corners = [apply_overrides(base, dict(zip(keys, combo)))
+               for combo in itertools.product(*(space[k].corners() for k in keys))]
+    return corners + [apply_overrides(base, point) for point in points]
+
+
+def check_cache_serves(configs: list[KDConfig], n_vocab: int) -> None:
+    """Refuse, in one line, a sweep whose temperatures its soft-label cache cannot serve.
+
+    The compact cache is exact only on its temperature grid, and ``auto`` picks it for a
+    large vocabulary: known once the tokenizer is, so this runs before Ray with it
+    (:mod:`kd.soft_labels`, check_temperatures), not in the first trial at T = 20.
+    """
+    from kd.soft_labels import check_temperatures  # torch: only on the sweep's preparing path
+
+    temps = [c.loss.temperature for c in configs]
+    for cfg in configs:
+        check_temperatures(cfg, min(temps), max(temps), n_vocab)
 
 
 def check_objectives(objectives: list[str]) -> list[tuple[str, str]]:
