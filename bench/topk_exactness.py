@@ -156,7 +156,7 @@ def bytes_per_token(method: str, vocab: int, k: int, grid: int, samples: int = 0
 
 def measure(teacher: torch.Tensor, temperatures: list[float], ks: list[int], divergences: list[str],
             grid_points: int, t_range: tuple[float, float], seed: int, source: str, samples: int = 0,
-            proposal: float = 2.0, draws: int = 1, student_data: dict | None = None, student_steps: int = 0
+            proposal: float = 4.0, draws: int = 1, student_data: dict | None = None, student_steps: int = 0
             ) -> list[dict]:
     """One row per (divergence, T, method, k); ``sampled`` rows when ``samples`` > 0."""
     gen = torch.Generator().manual_seed(seed)
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--grid", default="0.5,8", help="the compact grid's temperature range t_min,t_max")
     ap.add_argument("--grid-points", type=int, default=5)
     ap.add_argument("--samples", type=int, default=64, help="tail samples per token of the sampled method (0 = none)")
-    ap.add_argument("--proposal-temperature", type=float, default=2.0, help="temperature the tail samples are drawn at")
+    ap.add_argument("--proposal-temperature", type=float, default=4.0, help="temperature the tail samples are drawn at")
     ap.add_argument("--draws", type=int, default=4, help="independent tail draws for grad_cos_mean")
     ap.add_argument("--divergence", default="forward_kl", choices=[*DIVERGENCES, "all"])
     ap.add_argument("--seed", type=int, default=0)

@@ -53,7 +53,7 @@ from safetensors.numpy import save as save_numpy
 from kd.cache import file_digest, fingerprint, temp_dir_beside
 from kd.cache import publish_dir as _publish
 from kd.cache import sha256_file as _sha256_file
-from kd.compact import compress, temperature_grid
+from kd.compact import compress, sample_tail, temperature_grid
 from kd.config import ConfigError, KDConfig
 from kd.paths import cache_dir
 
@@ -65,6 +65,11 @@ AUTO_DENSE_MAX_VOCAB = 8192
 #: k of the compact (and top-k) format when teacher.top_k = 0.
 DEFAULT_K = 64
 TAIL_FIELDS = ("tail_lse", "tail_slope")
+#: The compact format's sampled tail (kd.compact.sample_tail): (n, T, S) ids and fp16 logits.
+SAMPLE_FIELDS = ("tail_ids", "tail_values")
+#: Seeds the tail draws per block (with the block's index): a rebuilt cache, locally or on
+#: Ray with any batching, draws the same ids.
+SAMPLE_SEED = 0x5EED
 MANIFEST = "manifest.json"
 #: Blocks per shard file: ~17 MB at k=128, 128-token blocks (shards checksum and load
 #: one at a time; many tiny files would cost more in opens than they save).
@@ -171,6 +176,9 @@ def cache_key(cfg: KDConfig, teacher_source: str, tokenizer: Any, precision: str
     }
     if fmt == "compact":  # the grid, not the temperature: one cache serves a sweep's range
         key.update(layout="compact", betas=list(grid_betas(cfg)))
+        if cfg.teacher.tail_samples:
+            key.update(tail_samples=cfg.teacher.tail_samples, proposal_temperature=cfg.teacher.proposal_temperature,
+                       sample_seed=SAMPLE_SEED)
     return key
 
 
@@ -210,7 +218,8 @@ class TopKTeacher:
 
     def __init__(self, teacher_source: str, blocks: Any, n_vocab: int, k: int, precision: str = "auto",
                  threads: int = 0, device: str = "auto", trust_remote_code: bool = False,
-                 betas: tuple[float, ...] | None = None):
+                 betas: tuple[float, ...] | None = None, tail_samples: int = 0,
+                 proposal_temperature: float = 4.0):
         from kd.device import pick_device, use_threads
         from kd.models import load_pretrained
 
@@ -221,6 +230,7 @@ class TopKTeacher:
         use_threads(threads)
         self.blocks, self.n_vocab, self.k, self.precision = blocks, n_vocab, k, precision
         self.betas = tuple(betas) if betas else None  # compact: the tail's grid
+        self.tail_samples, self.proposal_temperature = tail_samples, proposal_temperature
         self.device = pick_device(device)
         model, _ = load_pretrained(teacher_source, trust_remote_code=trust_remote_code)
         # Frozen: eval() so the targets are deterministic (no dropout), no_grad in __call__.
@@ -233,7 +243,7 @@ class TopKTeacher:
         from kd.models import logits_for
 
         ids = np.asarray(batch["data"], dtype=np.int64)
-        out_i, out_v, out_t = [], [], {name: [] for name in TAIL_FIELDS}
+        out_i, out_v, out_t = [], [], {name: [] for name in (*TAIL_FIELDS, *SAMPLE_FIELDS)}
         for start in range(0, len(ids), MICRO_BATCH):
             x = self.blocks[torch.from_numpy(ids[start:start + MICRO_BATCH])][:, :-1].to(self.device)
             with autocast_for(self.device, self.precision):
@@ -247,6 +257,12 @@ class TopKTeacher:
                 values, indices = values.reshape(b, t, -1), indices.reshape(b, t, -1)
                 out_t["tail_lse"].append(lse.reshape(b, t, -1).cpu().numpy())
                 out_t["tail_slope"].append(slope.reshape(b, t, -1).cpu().numpy())
+                if self.tail_samples:  # + S draws from the tail, seeded per block
+                    draws = [sample_tail(logits[i], indices[i], self.tail_samples, self.proposal_temperature,
+                                         torch.Generator(device=logits.device).manual_seed(SAMPLE_SEED + int(block)))
+                             for i, block in enumerate(ids[start:start + MICRO_BATCH])]
+                    out_t["tail_ids"].append(np.stack([d[0].cpu().numpy().astype(self.index_dtype) for d in draws]))
+                    out_t["tail_values"].append(np.stack([d[1].cpu().numpy() for d in draws]))
             else:
                 values, indices = logits.topk(self.k, dim=-1)  # (b, T, k), raw logits: T is applied later
             out_i.append(indices.cpu().numpy().astype(self.index_dtype))
@@ -316,7 +332,8 @@ def write_cache(path: Path, key: dict[str, Any], batches: Iterable[dict[str, np.
         if not pending:
             return
         tensors = {name: np.ascontiguousarray(np.concatenate([b[name] for b in pending]))
-                   for name in ("block_index", "topk_indices", "topk_values", *TAIL_FIELDS) if name in pending[0]}
+                   for name in ("block_index", "topk_indices", "topk_values", *TAIL_FIELDS, *SAMPLE_FIELDS)
+                   if name in pending[0]}
         pending.clear()
         data = save_numpy(tensors, metadata={"fingerprint": path.name})
         name = f"shard-{len(shards):05d}.safetensors"
@@ -344,6 +361,7 @@ def write_cache(path: Path, key: dict[str, Any], batches: Iterable[dict[str, np.
             "index_dtype": None if shape[1] >= n_vocab else str(_index_dtype(n_vocab)), "value_dtype": "float16",
             "shape": [n_blocks, *shape], "shards": shards, "created": time.time(),
             "layout": key.get("layout", "dense" if shape[1] >= n_vocab else "topk"), "betas": key.get("betas"),
+            "tail_samples": key.get("tail_samples", 0), "proposal_temperature": key.get("proposal_temperature"),
             "build_s": round(time.time() - started, 3), **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -440,6 +458,21 @@ class SoftLabels:
                 arr[at] = self.shards[shard][name][rows]
         return out
 
+    def lookup_samples(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(tail_ids, tail_values)`` (b, T, S) for block ids (b,); caches with a sampled tail only."""
+        ids = np.asarray(ids, dtype=np.int64)
+        _, t, _ = self.manifest["shape"]
+        s = self.manifest["tail_samples"]
+        out = (np.empty((len(ids), t, s), dtype=np.dtype(self.manifest["index_dtype"])),
+               np.empty((len(ids), t, s), dtype=np.float16))
+        which = self.shard_of[ids]
+        for shard in np.unique(which):
+            at = np.flatnonzero(which == shard)
+            rows = self.row_of[ids[at]]
+            for name, arr in zip(SAMPLE_FIELDS, out):
+                arr[at] = self.shards[shard][name][rows]
+        return out
+
     @property
     def values(self) -> torch.Tensor:
         """Every block's values (N, T, k) in memory: for inspection and tests, not trials."""
@@ -467,6 +500,11 @@ class SoftLabels:
                 out.update(topk_tail_lse=torch.from_numpy(lse).to(dev, non_blocking=True),
                            topk_tail_slope=torch.from_numpy(slope).to(dev, non_blocking=True),
                            tail_betas=tuple(self.manifest["betas"]))
+                if self.manifest.get("tail_samples"):  # + the tail's shape, by importance weights
+                    sid, sval = self.lookup_samples(ids)
+                    out.update(tail_sample_indices=torch.from_numpy(sid).to(dev, non_blocking=True),
+                               tail_sample_values=torch.from_numpy(sval).to(dev, non_blocking=True),
+                               proposal_temperature=float(self.manifest["proposal_temperature"]))
             return out
 
         return fn
@@ -531,7 +569,9 @@ def load_soft_labels(path: str | os.PathLike, key: dict[str, Any]) -> SoftLabels
                 or (not manifest["dense"] and tensors.get("topk_indices", np.empty(0)).shape != (len(ids), t, k)) \
                 or (manifest.get("layout") == "compact" and any(
                     tensors.get(name, np.empty(0)).shape != (len(ids), t, len(manifest.get("betas") or []))
-                    for name in TAIL_FIELDS)):
+                    for name in TAIL_FIELDS)) \
+                or any(tensors.get(name, np.empty(0)).shape != (len(ids), t, manifest.get("tail_samples", 0))
+                       for name in SAMPLE_FIELDS if manifest.get("tail_samples")):
             raise _fail(path, f"shard {shard['file']} does not match the manifest")
         shard_of[ids] = number
         row_of[ids] = np.arange(len(ids))
@@ -589,7 +629,8 @@ def ensure_soft_labels(
         print(f"{bad}; rebuilding it", file=sys.stderr, flush=True)
     args = dict(teacher_source=teacher_source, blocks=train_blocks, n_vocab=len(tokenizer), k=key["k"],
                 precision=key["precision"], threads=cfg.train.threads, device=cfg.train.device,
-                trust_remote_code=cfg.teacher.trust_remote_code, betas=key.get("betas"))
+                trust_remote_code=cfg.teacher.trust_remote_code, betas=key.get("betas"),
+                tail_samples=key.get("tail_samples", 0), proposal_temperature=key.get("proposal_temperature", 4.0))
     if progress:
         print(f"soft labels: teacher {key.get('layout', 'top')}-{key['k']} logits for {len(train_blocks)} blocks ({backend}) -> {path}",
               flush=True)

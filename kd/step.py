@@ -39,13 +39,22 @@ def should_compile(mode: str, steps: int, world_size: int = 1) -> bool:
     return steps >= AUTO_COMPILE_MIN_STEPS and world_size == 1
 
 
+_SAMPLED_TAIL = ("tail_sample_indices", "tail_sample_values", "proposal_temperature")
+
+
 def step_loss(model: torch.nn.Module, n_vocab: int, loss_cfg: LossConfig, device: torch.device,
               precision: str) -> StepLoss:
     """``fn(input_ids (B, T), labels (B, T), targets) -> LossParts``: forward + loss, eager."""
     # Decided here, not in fn: the bf16 probe times matmuls, which a traced graph cannot hold.
     bf16 = uses_bf16(device, precision)
 
+    # A sampled tail estimates E_p[.] terms by importance weights: forward KL's only. The
+    # other divergences take the compact cache's exact k + 1 buckets without it.
+    drop = () if loss_cfg.divergence == "forward_kl" else _SAMPLED_TAIL
+
     def fn(input_ids: torch.Tensor, labels: torch.Tensor, targets: dict[str, torch.Tensor]) -> LossParts:
+        if drop:
+            targets = {k: v for k, v in targets.items() if k not in drop}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = logits_for(model, input_ids, n_vocab)  # (B, T, V)
         return distillation_loss(

@@ -66,7 +66,7 @@ def _buckets(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def test_compact_cache_on_a_32k_teacher_gives_the_bucket_loss(big_teacher):
     from kd.models import load_pretrained
 
-    cfg = _cfg(big_teacher)
+    cfg = _cfg(big_teacher, **{"teacher.tail_samples": 0})
     teacher, tok = load_pretrained(cfg.teacher.source)
     assert resolve_format(cfg, len(tok)) == ("compact", 32)
     blocks = load_blocks(cfg.data, tok)
@@ -95,6 +95,41 @@ def test_compact_cache_on_a_32k_teacher_gives_the_bucket_loss(big_teacher):
 
     metrics = distill(cfg, evaluate=False)
     assert math.isfinite(metrics["kd_loss"]) and metrics["kd_loss"] > 0
+
+
+def test_the_sampled_tail_through_the_cache_estimates_the_dense_loss(big_teacher):
+    """The default compact cache keeps 64 tail draws per token: its loss at T = 4 is close
+    to the dense teacher's (the buckets alone are not), and rebuilding it draws the same ids."""
+    from kd.models import load_pretrained
+
+    cfg = _cfg(big_teacher)
+    teacher, tok = load_pretrained(cfg.teacher.source)
+    blocks = load_blocks(cfg.data, tok)
+    labels = ensure_soft_labels(cfg, cfg.teacher.source, tok, blocks.train)
+    m = labels.manifest
+    assert m["tail_samples"] == 64 and m["proposal_temperature"] == 4.0 and m["key"]["tail_samples"] == 64
+    n = len(blocks.train)
+    batch = {"input_ids": blocks.train[:, :-1], "labels": blocks.train[:, 1:], "block_index": torch.arange(n)}
+    targets = labels.teacher_fn()(batch)
+    assert targets["tail_sample_indices"].shape == (n, blocks.train.shape[1] - 1, 64)
+    head = targets["topk_indices"].long()
+    assert not (targets["tail_sample_indices"].long().unsqueeze(-1) == head.unsqueeze(-2)).any()  # tail only
+    with torch.no_grad():
+        dense = teacher.eval()(batch["input_ids"]).logits[..., :VOCAB].half().float()
+    torch.manual_seed(1)
+    student = dense * 0.5 + torch.randn(dense.shape)
+    kw = dict(temperature=4.0, kd_weight=1.0)
+    full = distillation_loss(student, batch["labels"], teacher_logits=dense, **kw).kd
+    sampled = distillation_loss(student, batch["labels"], **kw, **targets).kd
+    buckets = distillation_loss(student, batch["labels"], **kw, **{
+        k: v for k, v in targets.items() if k not in ("tail_sample_indices", "tail_sample_values",
+                                                      "proposal_temperature")}).kd
+    assert abs(sampled / full - 1) < 0.05, (sampled, full)
+    assert abs(buckets / full - 1) > 0.3, (buckets, full)
+    # Rebuilt from scratch (another directory), the draws are the same: seeded per block.
+    again = ensure_soft_labels(_cfg(big_teacher, **{"teacher.soft_labels_dir": str(big_teacher / "soft2")}),
+                               cfg.teacher.source, tok, blocks.train)
+    assert np.array_equal(again.lookup_samples(np.arange(n))[0], labels.lookup_samples(np.arange(n))[0])
 
 
 def test_temperatures_outside_the_grid_are_refused_in_one_line(big_teacher):
