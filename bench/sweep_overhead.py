@@ -9,8 +9,11 @@ temperatures ``--temperatures`` given as Optuna's first points, so every way run
 configurations; no ASHA, so every trial runs every step) run three ways, one after the
 other in this process:
 
-- ``tune-in-trial``: :func:`kd.sweep.driver.run_sweep` with one-worker trials (the default): the
-  Tune function trainable runs :func:`kd.run.distill` itself;
+- ``tune-in-trial``: :func:`kd.sweep.driver.run_sweep` with one-worker trials and its
+  default concurrency (on a CPU-only machine ``cpus // CPU_THREAD_SHARE`` threads per trial,
+  as many trials at once as fit): the Tune function trainable runs :func:`kd.run.distill`;
+- ``tune-one-at-a-time``: the same sweep, one trial at a time holding every core
+  (``--max-concurrent 1`` with all threads): the layout the default replaced;
 - ``tune-torchtrainer``: the same sweep with ``force_train=True``: every trial launches a
   one-worker ``TorchTrainer`` (what a multi-worker trial pays, with one worker);
 - ``plain-loop``: no Ray, no MLflow: :func:`kd.run.distill` for each configuration in a loop.
@@ -21,11 +24,12 @@ to ``kd_trial_done``: teacher and data loading, training, evaluations, the world
 saving the student), the time from entering to the first report, and the start-up before
 the first training step (first report minus the training time and evaluation in it).
 
-Normalisation: on this 2-core machine a one-worker trial holds both cores, so trials run
-one at a time (concurrency c = 1) and the sum of their training times is the least wall
-time the sweep could take. With c trials at once the comparable figure is wall x c
-against that sum (each trial's own ``train_time_s`` is measured while it shares the
-machine). Target: wall / sum(train_time_s) <= 1.3.
+Normalisation: one at a time, the sum of the trials' training times is the least wall time
+the sweep could take (target: wall / sum(train_time_s) <= 1.3). With c trials at once
+each trial's ``train_time_s`` is measured while it shares the machine, so the figure that
+compares layouts is the sweep's total training tokens per second of the trials' span
+(every trial's steps x batch x block, over first trial entered to last trial done: the
+sweep's fixed costs, such as the first way's soft-label build, stay out of it).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("tune-in-trial", "tune-torchtrainer", "plain-loop")
+MODES = ("tune-in-trial", "tune-one-at-a-time", "tune-torchtrainer", "plain-loop")
 
 
 def _fixed(args) -> dict:
@@ -81,24 +85,32 @@ def _row(reports: list[dict]) -> dict[str, float]:
             "to_first": to_first, "startup": to_first - first["train_time_s"]}
 
 
-def run_tune(mode: str, fixed: dict, temps: list[float], out: Path) -> tuple[float, list[dict]]:
+def run_tune(mode: str, fixed: dict, temps: list[float], out: Path, run: int = 0) -> tuple[float, list[dict]]:
     from kd.config import KDConfig, apply_overrides
-    from kd.sweep import LogUniform, SweepOptions, SweepSpec
+    from kd.sweep import LogUniform, SweepOptions, SweepSpec, driver
     from kd.sweep.driver import run_sweep
 
     name = f"overhead-{mode}"
     spec = SweepSpec(name, {"loss.temperature": LogUniform(0.5, 20.0)}, ["acc_mean"], budget={"demo": len(temps)},
                      points=[{"loss.temperature": t} for t in temps])
     # Only the searched trials are timed: no early stopping, no reference, no repeats.
-    options = SweepOptions(output_dir=out / mode, budget=len(temps), early_stop=False, references=False,
-                           repeats=1, force_train=mode == "tune-torchtrainer", seed=0)
+    one = mode == "tune-one-at-a-time"
+    options = SweepOptions(output_dir=out / f"{mode}-{run}", budget=len(temps), early_stop=False, references=False,
+                           repeats=1, force_train=mode == "tune-torchtrainer", seed=0,
+                           max_concurrent=1 if one else None)
+    share = driver.CPU_THREAD_SHARE
+    driver.CPU_THREAD_SHARE = 1 if one else share  # one trial holds every core
     t0 = time.time()
-    res = run_sweep(spec, apply_overrides(KDConfig(), fixed), options)
+    try:
+        # train.threads = 0: each trial takes the threads the driver gives it (its CPU share).
+        res = run_sweep(spec, apply_overrides(KDConfig(), {**fixed, "train.threads": 0}), options)
+    finally:
+        driver.CPU_THREAD_SHARE = share
     wall = time.time() - t0
     bad = [t for t in res.trials if t["status"] != "FINISHED"]
     if bad:
         raise RuntimeError(f"{mode}: {len(bad)} trials did not finish: {[t.get('error') for t in bad]}")
-    reports = _reports_from_tune(out / mode, name)
+    reports = _reports_from_tune(out / f"{mode}-{run}", name)
     temps_by_id = {t["trial_id"]: t["params"].get("loss.temperature") for t in res.trials}
     rows = []
     for tid, reps in reports.items():
@@ -148,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.trials = args.trials or 2
-        args.modes = args.modes or "tune-in-trial,plain-loop"
+        args.modes = args.modes or "tune-in-trial,tune-one-at-a-time,plain-loop"
     temps = [float(t) for t in args.temperatures.split(",")][: args.trials or None]
     modes = [m.strip() for m in (args.modes or ",".join(MODES)).split(",") if m.strip()]
     unknown = set(modes) - set(MODES)
@@ -170,11 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     ensure_teacher(apply_overrides(KDConfig(), fixed), progress=True)  # train it outside every timing
     print(f"# teacher ready in {time.time() - t:.0f} s; fixed: {fixed}", flush=True)
 
-    results: dict[str, tuple[float, list[dict]]] = {}
-    for mode in modes:
+    runs: list[tuple[str, tuple[float, list[dict]]]] = []  # a way may run more than once (--modes a,b,a,b)
+    for i, mode in enumerate(modes):
         print(f"running {mode}: {len(temps)} trials ...", flush=True)
-        results[mode] = run_plain(fixed, temps, out) if mode == "plain-loop" else run_tune(mode, fixed, temps, out)
-        print(f"  {mode}: wall {results[mode][0]:.1f} s", flush=True)
+        runs.append((mode, run_plain(fixed, temps, out / str(i)) if mode == "plain-loop"
+                     else run_tune(mode, fixed, temps, out, i)))
+        print(f"  {mode}: wall {runs[-1][1][0]:.1f} s", flush=True)
 
     cfg = apply_overrides(KDConfig(), fixed)
     print(f"# load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
@@ -182,25 +195,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n# {len(temps)} trials (T = {', '.join(f'{t:g}' for t in temps)}), world={cfg.data.world_size}, "
           f"teacher {cfg.teacher.n_layer}x{cfg.teacher.n_embd}, student {cfg.student.n_layer}x{cfg.student.n_embd}, "
           f"{cfg.train.steps} steps x batch {cfg.train.batch_size}, eval every {cfg.train.eval_every} "
-          f"({cfg.train.eval_blocks} blocks), {args.threads} threads, concurrency 1 (one trial holds both cores)")
-    print("\n| way | sweep wall s | sum train_time_s | wall / sum train | sum trial s (entered->done) "
-          "| wall / sum trial | median to first report s | median start-up s | median gap between trials s "
-          "| wall vs plain loop |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    plain_wall = results["plain-loop"][0] if "plain-loop" in results else float("nan")
-    for mode, (wall, rows) in results.items():
+          f"({cfg.train.eval_blocks} blocks), plain loop {args.threads} threads")
+    tokens = len(temps) * cfg.train.steps * cfg.train.batch_size * cfg.data.block_size
+    print("\n| way | most trials at once | sweep wall s | trials' span s | training tokens / s of the span "
+          "| sum train_time_s "
+          "| wall / sum train | sum trial s (entered->done) | wall / sum trial | median to first report s "
+          "| median start-up s | median gap between trials s | wall vs plain loop |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    plain_wall = next((r[0] for m, r in runs if m == "plain-loop"), float("nan"))
+    for mode, (wall, rows) in runs:
         rows = rows[:-1]
         train = sum(r["train_s"] for r in rows)
         trial = sum(r["done"] - r["entered"] for r in rows)
         gaps = [b["entered"] - a["done"] for a, b in zip(rows, rows[1:])] or [float("nan")]
-        print(f"| {mode} | {wall:.1f} | {train:.1f} | {wall / train:.2f}x | {trial:.1f} | {wall / trial:.2f}x | "
+        at_once = max(sum(1 for o in rows if o["entered"] <= r["entered"] < o["done"]) for r in rows)
+        span = max(r["done"] for r in rows) - min(r["entered"] for r in rows)  # the trials' phase
+        print(f"| {mode} | {at_once} | {wall:.1f} | {span:.1f} | {tokens / span:,.0f} | {train:.1f} | "
+              f"{wall / train:.2f}x | "
+              f"{trial:.1f} | {wall / trial:.2f}x | "
               f"{statistics.median(r['to_first'] for r in rows):.1f} | "
               f"{statistics.median(r['startup'] for r in rows):.1f} | {statistics.median(gaps):.1f} | "
               f"{wall / plain_wall:.2f}x |")
     print("\n| way | T | trial start after sweep start s | entered -> first report s | start-up s "
           "| train_time_s | trial s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for mode, (wall, rows) in results.items():
+    for mode, (wall, rows) in runs:
         t0 = rows[-1]["t0"]
         for r in rows[:-1]:
             print(f"| {mode} | {r['T']:.3g} | {r['entered'] - t0:.1f} | {r['to_first']:.1f} | {r['startup']:.1f} | "
