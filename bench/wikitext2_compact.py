@@ -80,8 +80,9 @@ def main() -> None:
     print("| kd_weight | T | val ppl, dense | buckets only | vs dense | sampled tail | vs dense |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for w, t, p in rows:
-        print(f"| {w:g} | {t:g} | {p['dense']:.1f} | {p['buckets']:.1f} | {100 * (p['buckets'] / p['dense'] - 1):+.1f}% "
-              f"| {p['sampled']:.1f} | {100 * (p['sampled'] / p['dense'] - 1):+.1f}% |")
+        gap = {name: 100 * (p[name] / p["dense"] - 1) for name in ("buckets", "sampled")}
+        print(f"| {w:g} | {t:g} | {p['dense']:.1f} | {p['buckets']:.1f} | {gap['buckets']:+.1f}% "
+              f"| {p['sampled']:.1f} | {gap['sampled']:+.1f}% |")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ def interpolate(tail_lse: Tensor, tail_slope: Tensor | None, betas: tuple[float,
             return tail_lse[..., g].float()
     if not betas[0] < b < betas[-1]:
         raise ValueError(f"temperature={1 / b:g} is not allowed: the soft-label cache's grid covers "
-                         f"T in [{1 / betas[-1]:g}, {1 / betas[0]:g}] (teacher.grid_min_temperature, teacher.grid_max_temperature)")
+                         f"T in [{1 / betas[-1]:g}, {1 / betas[0]:g}] "
+                         "(teacher.grid_min_temperature, teacher.grid_max_temperature)")
     if tail_slope is None:
         raise ValueError(f"temperature={1 / b:g} is not on the grid {[round(1 / x, 4) for x in betas]} "
                          "and the cache stores no slopes to interpolate with")

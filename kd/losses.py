@@ -413,6 +413,8 @@ def distillation_loss(
             idx, val, target = _sampled_slots(idx, val, tail, keep, tail_sample_indices, tail_sample_values,
                                               proposal_temperature, temperature, divergence, n)
             tail = None
+            if check_indices:  # the drawn ids too
+                _check_ids(idx, vocab)
 
     args = (temperature, kd_weight, divergence, jsd_beta, skew_alpha)
     if should_chunk(chunk_tokens, n, vocab):
@@ -426,7 +428,7 @@ def _sampled_slots(idx: Tensor | None, val: Tensor | None, tail: Tensor | None, 
     """(slot ids (N, k + S), exact log p_T per slot, target per slot) of head + sampled tail."""
     if tail is None or idx is None or val is None:
         raise ValueError("tail samples need the compact format: topk_indices, topk_values and topk_tail_lse")
-    if sample_val is None or sample_val.shape != sample_idx.shape or sample_idx.reshape(-1, sample_idx.shape[-1]).shape[0] != n:
+    if sample_val is None or sample_val.shape != sample_idx.shape or sample_idx.numel() != n * sample_idx.shape[-1]:
         raise ValueError(f"tail_sample_indices {tuple(sample_idx.shape)} need tail_sample_values of the same "
                          "shape (B, T, S)")
     if divergence != "forward_kl":

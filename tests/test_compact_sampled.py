@@ -127,6 +127,10 @@ def test_a_sampled_tail_is_refused_where_it_does_not_apply():
         distillation_loss(student, labels, temperature=2.0, kd_weight=0.5, divergence="jsd", **pack)
     with pytest.raises(ValueError, match="proposal_temperature"):
         distillation_loss(student, labels, temperature=2.0, kd_weight=0.5, **{**pack, "proposal_temperature": None})
+    bad = pack["tail_sample_indices"].clone()
+    bad[0, 0, 0] = V + 3  # a drawn id past the student's vocabulary
+    with pytest.raises(ValueError, match="token ids in"):
+        distillation_loss(student, labels, temperature=2.0, kd_weight=0.5, **{**pack, "tail_sample_indices": bad})
     no_tail = {k: v for k, v in pack.items() if not k.startswith("topk_tail")}
     with pytest.raises(ValueError, match="need the compact format"):
         distillation_loss(student, labels, temperature=2.0, kd_weight=0.5, **{**no_tail, "tail_betas": None})
