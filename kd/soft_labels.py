@@ -432,46 +432,36 @@ class SoftLabels:
 
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """``(values (b, T, k) fp16, indices (b, T, k) or None when dense)`` for block ids (b,)."""
+        k = self.manifest["shape"][2]
+        fields = {"topk_values": (k, np.dtype(np.float16))}
+        if not self.dense:
+            fields["topk_indices"] = (k, np.dtype(self.manifest["index_dtype"]))
+        values, *indices = self._gather(ids, fields)
+        return values, (indices[0] if indices else None)
+
+    def _gather(self, ids: np.ndarray, fields: dict[str, tuple[int, np.dtype]]) -> tuple[np.ndarray, ...]:
+        """Each named shard field's rows for block ids (b,), as (b, T, width) arrays of its dtype."""
         ids = np.asarray(ids, dtype=np.int64)
-        _, t, k = self.manifest["shape"]
-        values = np.empty((len(ids), t, k), dtype=np.float16)
-        indices = None if self.dense else np.empty((len(ids), t, k), dtype=np.dtype(self.manifest["index_dtype"]))
+        _, t, _ = self.manifest["shape"]
+        out = tuple(np.empty((len(ids), t, width), dtype=dtype) for width, dtype in fields.values())
         which = self.shard_of[ids]
         for shard in np.unique(which):
             at = np.flatnonzero(which == shard)
             rows = self.row_of[ids[at]]
-            values[at] = self.shards[shard]["topk_values"][rows]
-            if indices is not None:
-                indices[at] = self.shards[shard]["topk_indices"][rows]
-        return values, indices
+            for name, arr in zip(fields, out):
+                arr[at] = self.shards[shard][name][rows]
+        return out
 
     def lookup_tail(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(tail_lse, tail_slope)`` (b, T, G) fp32 for block ids (b,); compact caches only."""
-        ids = np.asarray(ids, dtype=np.int64)
-        _, t, _ = self.manifest["shape"]
-        out = tuple(np.empty((len(ids), t, len(self.manifest["betas"])), dtype=np.float32) for _ in TAIL_FIELDS)
-        which = self.shard_of[ids]
-        for shard in np.unique(which):
-            at = np.flatnonzero(which == shard)
-            rows = self.row_of[ids[at]]
-            for name, arr in zip(TAIL_FIELDS, out):
-                arr[at] = self.shards[shard][name][rows]
-        return out
+        g = len(self.manifest["betas"])
+        return self._gather(ids, {name: (g, np.dtype(np.float32)) for name in TAIL_FIELDS})
 
     def lookup_samples(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(tail_ids, tail_values)`` (b, T, S) for block ids (b,); caches with a sampled tail only."""
-        ids = np.asarray(ids, dtype=np.int64)
-        _, t, _ = self.manifest["shape"]
         s = self.manifest["tail_samples"]
-        out = (np.empty((len(ids), t, s), dtype=np.dtype(self.manifest["index_dtype"])),
-               np.empty((len(ids), t, s), dtype=np.float16))
-        which = self.shard_of[ids]
-        for shard in np.unique(which):
-            at = np.flatnonzero(which == shard)
-            rows = self.row_of[ids[at]]
-            for name, arr in zip(SAMPLE_FIELDS, out):
-                arr[at] = self.shards[shard][name][rows]
-        return out
+        return self._gather(ids, {"tail_ids": (s, np.dtype(self.manifest["index_dtype"])),
+                                  "tail_values": (s, np.dtype(np.float16))})
 
     @property
     def values(self) -> torch.Tensor:
