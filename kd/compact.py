@@ -162,13 +162,13 @@ def sample_tail(logits: Tensor, indices: Tensor, samples: int, proposal_temperat
         whose tail is empty (only -inf logits outside S) gets the first kept id with a -inf
         value, which carries zero weight.
     """
-    z = logits.half().float().scatter(-1, indices, -math.inf)  # (N, V): the tail only
-    log_r = torch.log_softmax(z / proposal_temperature, dim=-1)
+    z16 = logits.half().float()  # what the head and the grid were computed from
+    log_r = torch.log_softmax(z16.scatter(-1, indices, -math.inf) / proposal_temperature, dim=-1)  # tail only
     empty = ~torch.isfinite(log_r).any(-1)  # (N,)
     probs = torch.where(empty.unsqueeze(-1), 1.0, log_r.exp())  # any valid rows for multinomial
     ids = torch.multinomial(probs, samples, replacement=True, generator=generator)  # (N, S)
     ids = torch.where(empty.unsqueeze(-1), indices[:, :1], ids)
-    values = torch.where(empty.unsqueeze(-1), -math.inf, logits.half().float().gather(-1, ids))
+    values = torch.where(empty.unsqueeze(-1), -math.inf, z16.gather(-1, ids))
     return ids, values.half()
 
 
