@@ -228,14 +228,23 @@ def test_precision_auto_is_resolved_before_it_enters_a_key(tiny_overrides, tok, 
     assert teacher_fingerprint(cfg(other), tok) != teacher_fingerprint(cfg(resolved), tok)
 
 
-def test_auto_reuses_a_teacher_another_machine_built_in_the_other_precision(tiny_overrides, monkeypatch):
+def test_auto_reuses_a_teacher_another_machine_built_in_the_other_precision(tiny_overrides, monkeypatch,
+                                                                            tmp_path):
     """A sweep trains its teacher once on the driver's machine; ``auto`` trials elsewhere
     (bf16 there) use it instead of training their own. An explicit precision does not."""
+    import shutil
+
     import kd.device
     import kd.teacher
 
     fp32 = _cfg(tiny_overrides, **{"train.precision": "fp32"})
-    built = kd.teacher.ensure_teacher(fp32)  # the tests' tiny teacher, in fp32
+    shared = Path(kd.teacher.ensure_teacher(fp32))  # the tests' tiny teacher, in fp32
+    # A cache holding only that fp32 entry: the session's shared cache may also hold a bf16
+    # one (other tests' ``auto`` on a CPU where bf16 is fast), which ``auto`` rightly prefers.
+    monkeypatch.setenv("KD_CACHE_DIR", str(tmp_path))
+    built = tmp_path / "teachers" / shared.name
+    shutil.copytree(shared, built)
+    built = str(built)
     monkeypatch.setattr(kd.device, "cpu_bf16_is_fast", lambda: True)  # "another machine": auto is bf16 here
 
     def no_training(*a, **k):
