@@ -121,11 +121,15 @@ def _retention(row, teacher_acc: float) -> float:
     return float(row["acc_mean"]) / teacher_acc
 
 
-def _best_rows(df, objectives: list[str], shown: list[str], teacher_acc: float | None
-               ) -> list[list[str]]:
+def _best_rows(df, objectives: list[str], shown: list[str], teacher_acc: float | None,
+               knobs: list[str]) -> list[list[str]]:
+    """One row per objective: the finished run best on it, and the objective over the seeds
+    of that run's configuration (one run is the luckiest draw of its configuration; its
+    seeds' mean and spread are what to compare)."""
     from analysis import finished, run_label
 
     runs = finished(df)
+    keys = [k for k in knobs if k != "train.seed" and k in runs.columns]
     rows = []
     for name in objectives:
         col = runs[name].dropna() if name in runs.columns else []
@@ -133,7 +137,13 @@ def _best_rows(df, objectives: list[str], shown: list[str], teacher_acc: float |
             continue
         idx = col.idxmax() if direction(name) == "max" else col.idxmin()
         r = runs.loc[idx]
-        rows.append([name, direction(name), fmt(r[name], name), r["trial_id"], r["run_id"],
+        same = runs
+        for k in keys:
+            same = same[same[k].isna()] if r.isna()[k] else same[same[k] == r[k]]
+        seeds = same[name].dropna()
+        across = (f"{fmt(seeds.mean(), name)} ± {fmt(seeds.std(), name)} ({len(seeds)} seeds)" if len(seeds) > 1
+                  else "1 seed: spread unknown")
+        rows.append([name, direction(name), fmt(r[name], name), across, r["trial_id"], r["run_id"],
                      run_label(r)] + [fmt(r[c], c) for c in shown]
                     + ([fmt(_retention(r, teacher_acc))] if teacher_acc else []))
     return rows
@@ -199,11 +209,12 @@ def write_report(tracking_uri: str, experiment: str, out_dir: str | os.PathLike,
     b.append(("h2", "Best student per objective"))
     best_objs = list(dict.fromkeys([*objectives, "acc_mean", *TASK_METRICS]))
     teacher_acc = sweep.teacher.get("acc_mean") if "acc_mean" in shown else None
-    rows = _best_rows(df, best_objs, shown, teacher_acc)
+    rows = _best_rows(df, best_objs, shown, teacher_acc, knobs)
     if rows and teacher_acc:
         b.append(("p", f"retention: the student's acc_mean / the teacher's acc_mean "
                        f"({fmt(teacher_acc, 'acc_mean')}), as logged by the trial."))
-    b.append(("table", ["objective", "direction", "best", "trial", "run_id", "student",
+    b.append(("table", ["objective", "direction", "best", "its configuration's seeds", "trial", "run_id",
+                        "student",
                         *shown, *(["retention"] if teacher_acc else [])], rows)
              if rows else ("p", "No finished trial."))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -89,6 +90,32 @@ def test_best_student_per_objective_is_mlflows(report, store):
         assert row["params"] == str(int(metrics["params"]))
         assert same(row["retention"], metrics["retention"])
         assert metrics["retention"] == pytest.approx(metrics["acc_mean"] / teacher)
+        # The winner is one draw: the row also gives its configuration's mean and spread over seeds.
+        params = client.get_run(winner).data.params
+        config = {k: v for k, v in params.items() if k != "train.seed"}
+        seeds = [r.data.metrics[name] for r in children
+                 if {k: v for k, v in r.data.params.items() if k != "train.seed"} == config]
+        if len(seeds) > 1:
+            mean, std = statistics.fmean(seeds), statistics.stdev(seeds)
+            assert row["its configuration's seeds"] == f"{fmt(mean, name)} ± {fmt(std, name)} ({len(seeds)} seeds)"
+        else:
+            assert row["its configuration's seeds"] == "1 seed: spread unknown"
+
+
+def test_best_row_gives_the_winners_configuration_over_its_seeds():
+    """The best run is its configuration's luckiest draw: the row adds that configuration's
+    mean and spread over seeds, and says so when it ran with one seed."""
+    import pandas as pd
+
+    from analysis.report import _best_rows
+
+    df = pd.DataFrame({"status": ["FINISHED"] * 4 + ["FAILED"], "trial_id": list("abcde"),
+                       "run_id": [c * 32 for c in "abcde"], "loss.temperature": [2.0, 2.0, 2.0, 4.0, 2.0],
+                       "train.seed": [0, 1, 2, 0, 3], "acc_mean": [0.70, 0.60, 0.62, 0.65, 0.99],
+                       "params": [10.0, 10.0, 10.0, 5.0, 10.0]})
+    rows = {r[0]: r for r in _best_rows(df, ["acc_mean", "params"], [], None, ["loss.temperature", "train.seed"])}
+    assert rows["acc_mean"][2:5] == ["0.7", f"{fmt(0.64)} ± {fmt(statistics.stdev([0.7, 0.6, 0.62]))} (3 seeds)", "a"]
+    assert rows["params"][2:5] == ["5", "1 seed: spread unknown", "d"]
 
 
 def test_pareto_table_and_teacher_are_mlflows(report, store):
