@@ -2,6 +2,7 @@
 
     python bench/wikitext2.py                                  # ../shared/data/wikitext-2, ~18 min on 2 idle cores
     python bench/wikitext2.py --data PATH --teacher-steps 600  # other copy, longer teacher
+    python bench/wikitext2.py --seeds 2                        # every student with 2 seeds: mean ± std
     python bench/wikitext2.py --quick                          # tiny version (< 60 s)
 
 A DistilGPT2-style table on real text, through the project's own code only:
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--eval-blocks", type=int, default=256, help="blocks of valid/test per figure (0 = all)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per student (train.seed = 0, 1, ...: init and data order)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-lines", type=int, default=0, help="use only the first N lines of each split")
     p.add_argument("--output-dir", default="runs/bench/wikitext2", help="students and checkpoints")
@@ -134,40 +137,61 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
 
     teacher_ne = count_params(teacher)["params_non_embedding"]
-    rows = []
+    rows = []  # (name, shape, non-emb params, share, kd, steps, [per-seed (vp, tp, vw, tw, tok/s)])
 
-    def add_row(name: str, model, shape: str, kd: str, steps: int, tok_s: float) -> None:
+    def scores(name: str, model) -> tuple[float, float, float, float]:
         vl, vw = _eval(model, val, tok, len(tok))
         tl, tw = _eval(model, test, tok, len(tok))
-        ne = count_params(model)["params_non_embedding"]
-        rows.append((name, shape, ne, ne / teacher_ne, kd, steps, math.exp(vl), math.exp(tl), vw, tw, tok_s))
         print(f"  {name}: valid ppl {math.exp(vl):.1f} (word {vw:.1f}), test ppl {math.exp(tl):.1f} "
               f"(word {tw:.1f})  [{time.perf_counter() - t0:.0f} s]", flush=True)
+        return math.exp(vl), math.exp(tl), vw, tw
 
-    add_row("teacher", teacher, f"{args.teacher_layers}x{args.teacher_embd}", "-", args.teacher_steps, float("nan"))
+    rows.append(("teacher", f"{args.teacher_layers}x{args.teacher_embd}", teacher_ne, 1.0, "-", args.teacher_steps,
+                 [(*scores("teacher", teacher), float("nan"))]))
     for layers in (int(x) for x in args.student_layers.split(",")):
         for kd in (float(x) for x in args.kd_weights.split(",")):
             name = {0.0: "CE only", 1.0: "KD only"}.get(kd, f"combined ({kd:g})")
-            out = Path(args.output_dir) / f"s{layers}x{args.teacher_embd}-kd{kd:g}"
-            scfg = load_config(overrides={**base, "student.n_layer": layers, "loss.kd_weight": kd,
-                                          "output_dir": str(out)})
-            print(f"student {layers}x{args.teacher_embd}, {name}: {args.student_steps} steps ...", flush=True)
-            m = distill(scfg, evaluate=False)
-            student, _ = load_pretrained(str(out / "student"))
-            add_row(f"student {name}", student, f"{layers}x{args.teacher_embd}", f"{kd:g}", args.student_steps,
-                    m["tokens_per_s"])
+            runs = []
+            for seed in range(args.seeds):
+                out = Path(args.output_dir) / f"s{layers}x{args.teacher_embd}-kd{kd:g}-seed{seed}"
+                scfg = load_config(overrides={**base, "student.n_layer": layers, "loss.kd_weight": kd,
+                                              "train.seed": seed, "output_dir": str(out)})
+                print(f"student {layers}x{args.teacher_embd}, {name}, seed {seed}: {args.student_steps} steps ...",
+                      flush=True)
+                m = distill(scfg, evaluate=False)
+                student, _ = load_pretrained(str(out / "student"))
+                runs.append((*scores(f"student {name}, seed {seed}", student), m["tokens_per_s"]))
+            ne = count_params(student)["params_non_embedding"]
+            rows.append((f"student {name}", f"{layers}x{args.teacher_embd}", ne, ne / teacher_ne, f"{kd:g}",
+                         args.student_steps, runs))
+
+    def cell(values: list[float], digits: int = 1) -> str:
+        if any(math.isnan(v) for v in values):
+            return "-"
+        mean = statistics.fmean(values)
+        return f"{mean:.{digits}f}" + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
 
     print(f"\n# WikiText-2 ({'first %d lines per split' % args.max_lines if args.max_lines else 'full'}), "
           f"block {args.block_size}, batch {args.batch_size}, T={args.temperature:g}; ppl per token of an "
           f"{len(tok)}-token BPE and per word; eval on {len(val)} valid / {len(test)} test blocks; "
-          f"total {time.perf_counter() - t0:.0f} s")
+          f"students: mean ± std over {args.seeds} seed(s); total {time.perf_counter() - t0:.0f} s")
     print("| model | layers x width | non-emb params | vs teacher | kd_weight | steps | valid ppl | test ppl "
           "| valid word ppl | test word ppl | train tokens/s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, shape, ne, share, kd, steps, vp, tp, vw, tw, tps in rows:
-        speed = "-" if math.isnan(tps) else f"{tps:.0f}"
-        print(f"| {name} | {shape} | {ne / 1e6:.2f}M | {share:.2f} | {kd} | {steps} | {vp:.1f} | {tp:.1f} "
-              f"| {vw:.1f} | {tw:.1f} | {speed} |")
+    for name, shape, ne, share, kd, steps, runs in rows:
+        cols = list(zip(*runs))
+        print(f"| {name} | {shape} | {ne / 1e6:.2f}M | {share:.2f} | {kd} | {steps} | "
+              + " | ".join(cell(list(c)) for c in cols[:4]) + f" | {cell(list(cols[4]), 0)} |")
+    # Each distilled student against the CE-only student of its shape, seed by seed (same
+    # init and batches per seed), so the change carries the spread of the paired differences.
+    print("\n| student | kd_weight | valid ppl vs CE only | test ppl vs CE only |")
+    print("| --- | ---: | ---: | ---: |")
+    ce = {shape: runs for name, shape, _, _, kd, _, runs in rows if kd == "0"}
+    for name, shape, _, _, kd, _, runs in rows:
+        if kd in ("-", "0") or shape not in ce:
+            continue
+        rel = [[100 * (r[i] / c[i] - 1) for r, c in zip(runs, ce[shape])] for i in (0, 1)]
+        print(f"| {shape} {name} | {kd} | {cell(rel[0])}% | {cell(rel[1])}% |")
     return 0
 
 

@@ -101,15 +101,25 @@ def _fake_wikitext(root: Path) -> Path:
 
 def test_wikitext2_quick(tmp_path):
     data = _fake_wikitext(tmp_path / "wikitext")
-    out = _run("wikitext2.py", "--quick", "--data", str(data), "--output-dir", str(tmp_path / "out"))
+    out = _run("wikitext2.py", "--quick", "--seeds", "2", "--data", str(data), "--output-dir", str(tmp_path / "out"))
     header, rows = _table(out, "model")
     assert header == ["model", "layers x width", "non-emb params", "vs teacher", "kd_weight", "steps", "valid ppl",
                       "test ppl", "valid word ppl", "test word ppl", "train tokens/s"]
     assert [r[0] for r in rows] == ["teacher", "student CE only", "student KD only", "student combined (0.5)"]
     for r in rows:
-        for cell in (r[2], r[3], r[6], r[7], r[8], r[9]):
+        for cell in (r[2], r[3]):
             _positive(cell)
+        for cell in r[6:10]:  # the teacher: one figure; students: mean ± std over the 2 seeds
+            parts = cell.split(" ± ")
+            assert len(parts) == (1 if r[0] == "teacher" else 2), cell
+            _positive(parts[0])
     assert [r[4] for r in rows[1:]] == ["0", "1", "0.5"]
+    header, rel = _table(out, "student")
+    assert header == ["student", "kd_weight", "valid ppl vs CE only", "test ppl vs CE only"]
+    assert [r[1] for r in rel] == ["1", "0.5"]
+    for r in rel:  # the change against CE only, seed by seed: mean ± std of the paired differences
+        mean, std = (float(x) for x in r[2].rstrip("%").split(" ± "))
+        assert std >= 0 and -100 < mean
 
 
 def test_world_students_quick(tmp_path):
