@@ -97,15 +97,12 @@ def _check_out(out: str) -> None:
 
 
 def _device(name: str) -> str:
-    import torch
+    from kd.device import pick_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device='cuda' is not allowed: no CUDA device is visible (use cpu or auto)")
-    return name
-
-
+    try:
+        return str(pick_device(name, key="--device"))
+    except RuntimeError as e:
+        raise ConfigError(f"{e} (use cpu or auto)") from None
 
 
 def data_hashes(task: str | None, data: str | None, fewshot: str | None = None) -> dict[str, str]:

@@ -16,12 +16,13 @@ import torch
 from kd.paths import cache_dir
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` (CUDA when visible, else CPU), ``cpu`` or ``cuda``."""
+def pick_device(name: str, key: str = "train.device") -> torch.device:
+    """``auto`` (CUDA when visible, else CPU), ``cpu`` or ``cuda``; ``key`` names the setting
+    in the error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device='cuda' is not allowed here: no CUDA device is visible")
+        raise RuntimeError(f"{key}='cuda' is not allowed here: no CUDA device is visible")
     return torch.device(name)
 
 

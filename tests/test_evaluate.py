@@ -316,6 +316,13 @@ def test_kd_eval_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert "bad.jsonl:2: field 'answer'" in capsys.readouterr().err
     assert _kd_main(["eval", "--model", str(model_dir), "--task", "world", "--data", str(tmp_path)]) == 2
     assert "must be a world directory" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        good = tmp_path / "good.jsonl"
+        good.write_text('{"question": "q", "answer": ["a"]}\n')
+        assert _kd_main(["eval", "--model", str(model_dir), "--task", "nq_open", "--data", str(good),
+                         "--device", "cuda"]) == 2
+        assert capsys.readouterr().err.strip().endswith(
+            "--device='cuda' is not allowed here: no CUDA device is visible (use cpu or auto)")
     monkeypatch.setitem(__import__("sys").modules, "lm_eval", None)  # as if the eval extra were missing
     assert _kd_main(["eval", "--model", str(model_dir), "--harness", "lambada_openai"]) == 2
     assert "pip install -e .[eval]" in capsys.readouterr().err

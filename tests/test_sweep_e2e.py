@@ -179,8 +179,9 @@ def test_asha_stops_a_bad_trial_and_never_one_that_reached_the_last_step(tmp_pat
 def test_killed_train_worker_finishes_from_its_checkpoint(tmp_path, cache_root):
     """A 2-worker TorchTrainer trial loses rank 1 after a checkpoint; FailureConfig(1) recovers it."""
     env, out = _env(cache_root), tmp_path / "sweep"
-    proc = _sweep(["--trials", "1", "--num-workers", "2", "--max-failures", "1", "--output-dir", str(out),
-                   "--set", "train.steps=60"], env)
+    # --no-reference: the recovery is the searched trial's; the finalists phase has its own tests.
+    proc = _sweep(["--trials", "1", "--num-workers", "2", "--max-failures", "1", "--no-reference",
+                   "--output-dir", str(out), "--set", "train.steps=60"], env)
     pid_files = lambda: list((out / "trials").glob("*-pids/rank1.pid"))  # noqa: E731
 
     def registered() -> bool:  # a checkpoint Train has committed (its directory alone is not enough)
@@ -200,9 +201,8 @@ def test_killed_train_worker_finishes_from_its_checkpoint(tmp_path, cache_root):
     assert trial["status"] == "FINISHED", trial
     assert trial["metrics"]["kd_restarts"] == 1, "the worker group restarted from a checkpoint"
     assert trial["metrics"]["step"] == 60
-    assert [t["status"] for t in results["trials"] if t["role"] == "reference"] == ["FINISHED"]
     meta, children = _runs(out)
-    (child,) = [r for r in children if r.data.tags["kd.role"] == "trial"]
+    (child,) = children
     steps = [m.step for m in meta["client"].get_metric_history(child.info.run_id, "val_loss")]
     assert steps[-1] == 60 and 0 not in steps
     assert meta["client"].list_artifacts(child.info.run_id, "student")
