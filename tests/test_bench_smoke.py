@@ -122,6 +122,18 @@ def test_wikitext2_quick(tmp_path):
         assert std >= 0 and -100 < mean
 
 
+def test_teacher_quality_quick():
+    out = _run("teacher_quality.py", "--quick")
+    header, rows = _table(out, "steps")
+    assert header == ["steps", "world seed", "train s", "val_loss", "acc_completion", "acc_choice", "em_qa",
+                      "acc_mean"]
+    assert [r[:2] for r in rows] == [["150", "0"], ["150", "1"], ["150", "mean ± std"]]
+    for r in rows[:2]:
+        assert _positive(r[3]) and all(0 <= float(c) <= 1 for c in r[4:])
+    mean, std = (float(x) for x in rows[2][7].split(" ± "))
+    assert mean == pytest.approx((float(rows[0][7]) + float(rows[1][7])) / 2, abs=1e-3) and std >= 0
+
+
 def test_world_students_quick(tmp_path):
     out = _run("world_students.py", "--quick", "--seeds", "2", "--output-dir", str(tmp_path))
     header, rows = _table(out, "model")
