@@ -123,15 +123,13 @@ def test_wikitext2_quick(tmp_path):
 
 
 def test_teacher_quality_quick():
-    out = _run("teacher_quality.py", "--quick")
+    out = _run("teacher_quality.py", "--quick")  # the tests' tiny teacher: cached by the other tests
     header, rows = _table(out, "steps")
     assert header == ["steps", "world seed", "train s", "val_loss", "acc_completion", "acc_choice", "em_qa",
                       "acc_mean"]
-    assert [r[:2] for r in rows] == [["150", "0"], ["150", "1"], ["150", "mean ± std"]]
-    for r in rows[:2]:
-        assert _positive(r[3]) and all(0 <= float(c) <= 1 for c in r[4:])
-    mean, std = (float(x) for x in rows[2][7].split(" ± "))
-    assert mean == pytest.approx((float(rows[0][7]) + float(rows[1][7])) / 2, abs=1e-3) and std >= 0
+    assert [r[:2] for r in rows] == [["150", "0"]]  # one seed: no mean ± std row
+    assert _positive(rows[0][3]) and all(0 <= float(c) <= 1 for c in rows[0][4:])
+    assert float(rows[0][5]) > 0.25  # the tiny teacher is above chance at multiple choice
 
 
 def test_world_students_quick(tmp_path):
