@@ -105,11 +105,15 @@ def _end(proc: subprocess.Popen, procs: list[psutil.Process]) -> None:
     proc.wait(timeout=10)
 
 
+def _fake_driver(session: str, mode: str):
+    """The stand-in driver started: (driver, [its session's two processes], the outsider, the watcher)."""
+    driver, (ray_pid, other_pid, watcher_pid) = _start(FAKE_DRIVER, session, mode)
+    return driver, [psutil.Process(ray_pid), _child(ray_pid)], psutil.Process(other_pid), psutil.Process(watcher_pid)
+
+
 def test_watcher_stops_the_ray_session_when_its_driver_is_killed(tmp_path):
     session = str(tmp_path / "session_1")
-    driver, (ray_pid, other_pid, watcher_pid) = _start(FAKE_DRIVER, session, "wait")
-    ours = [psutil.Process(ray_pid), _child(ray_pid)]
-    other, watcher = psutil.Process(other_pid), psutil.Process(watcher_pid)
+    driver, ours, other, watcher = _fake_driver(session, "wait")
     try:
         time.sleep(1.5)  # the watcher has seen the tree (it looks twice a second)
         driver.kill()
@@ -124,10 +128,7 @@ def test_watcher_stops_the_ray_session_when_its_driver_is_killed(tmp_path):
 
 
 def test_released_watcher_exits_touching_nothing(tmp_path):
-    session = str(tmp_path / "session_1")
-    driver, (ray_pid, other_pid, watcher_pid) = _start(FAKE_DRIVER, session, "release")
-    ours = [psutil.Process(ray_pid), _child(ray_pid)]
-    other, watcher = psutil.Process(other_pid), psutil.Process(watcher_pid)
+    driver, ours, other, watcher = _fake_driver(str(tmp_path / "session_1"), "release")
     try:
         line = driver.stdout.readline().split()
         assert line[0] == "released" and float(line[1]) < 2 and line[2] == "0", line
