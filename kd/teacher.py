@@ -33,7 +33,8 @@ RECIPE_VERSION = 1
 #: and the settings of its outputs (the soft labels: kd.soft_labels keys them), so that a
 #: sweep over teacher.top_k or the grid shares one teacher.
 NOT_WEIGHTS = ("source", "trust_remote_code", "mode", "top_k", "soft_labels_dir", "soft_label_format",
-               "grid_min_temperature", "grid_max_temperature", "grid_points")
+               "grid_min_temperature", "grid_max_temperature", "grid_points", "tail_samples",
+               "proposal_temperature")
 #: train.* fields the teacher's training shares with the student's that do not change its
 #: weights: ``eval_blocks`` (only what its history reports), and three that change them only
 #: by floating-point rounding (the same initialisation, data order and arithmetic), so a

@@ -185,7 +185,8 @@ def test_every_setting_that_changes_the_teachers_weights_changes_its_key(tiny_ov
                                       {"train.compile": "false"}, {"loss.temperature": 4.0},
                                       {"teacher.trust_remote_code": True}, {"teacher.top_k": 32},
                                       {"teacher.mode": "cache"}, {"teacher.soft_label_format": "compact"},
-                                      {"teacher.grid_points": 5}, {"teacher.soft_labels_dir": "/x"}])
+                                      {"teacher.grid_points": 5}, {"teacher.soft_labels_dir": "/x"},
+                                      {"teacher.tail_samples": 0}, {"teacher.proposal_temperature": 2.0}])
 def test_settings_that_do_not_change_the_teacher_leave_its_key(tiny_overrides, tok, override):
     """The student's schedule, evaluation, rounding-only settings and the soft labels'
     settings (the teacher's outputs, not its weights): one teacher serves them all."""
@@ -193,6 +194,22 @@ def test_settings_that_do_not_change_the_teacher_leave_its_key(tiny_overrides, t
 
     base = teacher_fingerprint(_cfg(tiny_overrides, **{"train.precision": "fp32"}), tok)
     assert teacher_fingerprint(_cfg(tiny_overrides, **{"train.precision": "fp32", **override}), tok) == base
+
+
+def test_every_soft_label_setting_is_out_of_the_teachers_key():
+    """The soft-label cache's own teacher.* settings (its key holds them) are the teacher's
+    outputs, not its weights: none of them may retrain the teacher."""
+    import inspect
+
+    import kd.compact
+    import kd.soft_labels
+    from kd.config import TeacherConfig
+    from kd.teacher import NOT_WEIGHTS
+
+    source = inspect.getsource(kd.soft_labels) + inspect.getsource(kd.compact)
+    read = {f.name for f in dataclasses.fields(TeacherConfig) if f"teacher.{f.name}" in source or f"t.{f.name}" in source}
+    shape = {"arch", "n_layer", "n_embd", "n_head", "steps", "batch_size", "lr"}
+    assert read - shape and read - shape <= set(NOT_WEIGHTS), sorted(read - shape - set(NOT_WEIGHTS))
 
 
 def test_an_edited_local_file_gives_a_new_teacher_key(tiny_overrides, tok, tmp_path):
