@@ -97,8 +97,14 @@ def test_verdict_says_beats_only_beyond_the_seed_spread():
     one = verdict(["acc_mean"], _e({"loss.temperature": 2.0}, [0.2]), None, _e({}, [0.1]))
     assert "spread is unknown" in one and "beats" not in one
     runner = verdict(["acc_mean"], _e({"loss.temperature": 2.0}, [0.20, 0.21]),
-                     _e({"loss.temperature": 4.0}, [0.205]), ref)
+                     _e({"loss.temperature": 4.0}, [0.205, 0.215]), ref)
     assert "cannot be told apart" in runner
+    # a one-seed runner-up has no spread of its own: the best's (tiny) std does not stand for it
+    lone = verdict(["acc_mean"], _e({"loss.temperature": 2.0}, [0.200, 0.201]),
+                   _e({"loss.temperature": 4.0}, [0.195]), ref)
+    assert "with no seed spread to tell them apart" in lone and "behind by more than" not in lone
+    half = verdict(["acc_mean"], _e({"loss.temperature": 2.0}, [0.200, 0.201]), None, _e({}, [0.1]))
+    assert "spread is unknown" in half and "beats" not in half
     # a size sweep's best is another shape than its reference: the verdict says so
     sized = verdict(["acc_mean"], _e({"student.n_layer": 3, "student.n_embd": 192}, [0.80, 0.81]), None,
                     _e({"loss.kd_weight": 0.0, "student.n_layer": 2, "student.n_embd": 128}, [0.62, 0.66]))
@@ -227,3 +233,24 @@ def test_credentials_never_leave_the_environment(monkeypatch, tmp_path):
 
     with pytest.raises(ValueError, match="put no password in a URI"):
         resolve_store("http://bob:pw@127.0.0.1:5000")
+
+
+def test_the_main_job_reruns_its_best_and_reference_with_three_seeds():
+    """Two seeds' std is itself noise: the temperature demo's verdict rests on 3 seeds each;
+    other sweeps and presets keep the preset's count, and --help says which."""
+    import importlib.util
+
+    from kd.sweep.spec import PRESET_REPEATS
+
+    specs = {}
+    for name in ("temperature", "loss_weight"):
+        mod = importlib.util.spec_from_file_location(f"sweep_{name}", ROOT / "sweeps" / f"{name}.py")
+        module = importlib.util.module_from_spec(mod)
+        mod.loader.exec_module(module)
+        specs[name] = module.SPEC
+    assert specs["temperature"].repeats_for("demo") == 3
+    assert specs["temperature"].repeats_for("smoke") == PRESET_REPEATS["smoke"]
+    assert specs["loss_weight"].repeats_for("demo") == PRESET_REPEATS["demo"] == 2
+    out = subprocess.run([sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--help"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120).stdout
+    assert "smoke=1, demo=3, full=3" in " ".join(out.split())

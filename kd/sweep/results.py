@@ -205,9 +205,12 @@ def _other_shape(config: dict[str, Any], reference: dict[str, Any]) -> str:
 
 
 def _spread(a: dict, b: dict, m: str) -> float | None:
-    """The seed spread two entries are judged by: the larger std known (None if neither has one)."""
-    stds = [e["std"][m] for e in (a, b) if m in e["std"]]
-    return max(stds) if stds else None
+    """The seed spread two entries are judged by: the larger of their stds, or None when
+    either ran with one seed (one seed's spread is unknown, and the other's says nothing
+    about it: a 3-seed best with std 0.001 against a 1-seed runner-up is no comparison)."""
+    if m not in a["std"] or m not in b["std"]:
+        return None
+    return max(a["std"][m], b["std"][m])
 
 
 def _beats(e: dict, ref: dict, m: str, sign: int) -> bool:
