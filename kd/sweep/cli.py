@@ -41,7 +41,7 @@ def parser(spec: SweepSpec) -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=None, help="override the preset's trial budget")
     p.add_argument("--repeats", type=int, default=None, help="seeds per finalist (the best or the front, and "
                    f"the CE-only reference); default per preset: "
-                   f"{', '.join(f'{k}={v}' for k, v in PRESET_REPEATS.items())}")
+                   f"{', '.join(f'{k}={spec.repeats_for(k)}' for k in PRESET_REPEATS)}")
     p.add_argument("--num-workers", type=int, default=None,
                    help="Ray Train workers per trial (default 1: the loop runs in the trial itself)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (default: use GPUs if the cluster has any)")
@@ -140,7 +140,7 @@ def main(spec: SweepSpec, argv: list[str] | None = None) -> int:
             preset = args.preset or "demo"
             run_spec, base = spec, check_sweep(spec, preset, extra)
             budget = args.trials or spec.budget[preset]
-            repeats = args.repeats or PRESET_REPEATS[preset]
+            repeats = args.repeats or spec.repeats_for(preset)
             seed, num_workers = args.seed or 0, args.num_workers or 1
             early_stop, references = not args.no_early_stop, not args.no_reference
     except ConfigError as e:

@@ -219,6 +219,12 @@ class SweepSpec:
     preset_space: dict[str, Space] = field(default_factory=dict)
     """A different search space for one preset (e.g. widths that fit smoke's tiny teacher)."""
     preset_points: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    repeats: dict[str, int] = field(default_factory=dict)
+    """Seeds per finalist for a preset, where this sweep needs other than PRESET_REPEATS."""
+
+    def repeats_for(self, preset: str) -> int:
+        """Seeds per finalist configuration (``--repeats`` overrides it)."""
+        return self.repeats.get(preset, PRESET_REPEATS[preset])
 
     def for_preset(self, preset: str) -> tuple[Space, list[dict[str, Any]]]:
         """The search space and first points of a preset."""
