@@ -23,7 +23,7 @@ COLUMNS = ("val_loss", "acc_completion", "acc_choice", "em_qa", "acc_mean")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world-seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, nargs="+", default=[760])
+    p.add_argument("--steps", type=int, nargs="+", default=[1000])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config override for the teacher (repeatable)")
     p.add_argument("--quick", action="store_true", help="the tests' tiny world and teacher, world seed 0")

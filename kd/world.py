@@ -18,8 +18,8 @@ Sizes (training tokens with the world's own tokenizer at seed 0, one eos per doc
 ``world.json`` has the exact counts): ``tiny`` 40 people, 779 documents, ~32k tokens (tests);
 ``small`` 100 people, 1,645 documents, ~68k; ``default`` 200 people (the main job),
 3,005 documents, ~134k tokens (89k of them biographies, 8-12 per person), so the default
-teacher's 760 steps of 16 x 128 tokens (1.56M tokens) are ~12 passes over everything and
-~100 sightings of each fact: a 4x256 model was measured to need ~30 passes over a
+teacher's 1,000 steps of 16 x 128 tokens (2.05M tokens) are ~15 passes over everything and
+~130 sightings of each fact: a 4x256 model was measured to need ~30 passes over a
 fact before held-out QA works, and many renderings per fact (rather than many passes over
 a few) keep the teacher from memorising documents. More people at the same budget means
 fewer sightings per fact, and held-out QA collapses.

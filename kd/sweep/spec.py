@@ -162,7 +162,7 @@ def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> KDConfig:
 
 #: Settings each preset fixes for every sweep; a sweep script's ``fixed`` and ``--set`` win.
 #: smoke: the tiny world, a tiny teacher and student, seconds per trial (tests, CI).
-#: demo:  the default world and the default teacher (kd/config.py, 760 steps), students
+#: demo:  the default world and the default teacher (kd/config.py, 1,000 steps), students
 #:        started from the teacher (evenly spaced layers as DistilBERT and DistilGPT2 were,
 #:        the leading slice of each weight when narrower: kd.models.build_student) so that
 #:        they learn inside the main job's budget: the whole temperature sweep, teacher
@@ -190,7 +190,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "full": {
         "student.init": "teacher",
-        "teacher.steps": 1520, "train.steps": 760, "train.eval_every": 95, "train.warmup_steps": 40,
+        "teacher.steps": 2000, "train.steps": 1000, "train.eval_every": 125, "train.warmup_steps": 50,
         "teacher.mode": "cache",
     },
 }
