@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", default="runs/bench/wikitext2", help="students and checkpoints")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in under a minute")
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds={args.seeds} is not allowed: it must be at least 1")
     if args.quick:
         args.teacher_layers, args.teacher_embd, args.teacher_steps, args.student_steps = 2, 64, 20, 8
         args.batch_size, args.block_size, args.eval_blocks, args.student_layers = 8, 64, 8, "1"
