@@ -146,12 +146,17 @@ def source_key(cfg: DataConfig) -> dict:
     return {"hub": cfg.source, "hub_config": cfg.hub_config}
 
 
+def data_key(cfg: DataConfig) -> dict:
+    """``{"data", "source"}`` for cache keys: every data setting but ``source`` (a path or
+    an id), and :func:`source_key` (what that source holds) in its place."""
+    data = asdict(cfg)
+    data.pop("source")
+    return {"data": data, "source": source_key(cfg)}
+
+
 def blocks_fingerprint(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> str:
     """Cache key of the packed blocks: every data setting, the source's contents and the tokenizer."""
-    data = asdict(cfg)
-    data.pop("source")  # a path or an id: the source key says what it holds
-    return fingerprint({"kind": "blocks", "data": data, "source": source_key(cfg),
-                        "tokenizer": tokenizer_fingerprint(tokenizer)})
+    return fingerprint({"kind": "blocks", **data_key(cfg), "tokenizer": tokenizer_fingerprint(tokenizer)})
 
 
 def load_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Blocks:

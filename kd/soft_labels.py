@@ -607,7 +607,7 @@ def ensure_soft_labels(
         except SoftLabelsError as e:
             bad = e
     for precision in served[1:]:
-        other = cache_key(cfg, teacher_source, tokenizer, precision)
+        other = {**key, "precision": precision}  # cache_key's only precision-dependent field
         if cache_path(cfg, other).exists():
             try:
                 return _checked(load_soft_labels(cache_path(cfg, other), other), train_blocks)

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedToken
 
 from kd.cache import building_dir, fingerprint
 from kd.config import KDConfig, LossConfig, TrainConfig
-from kd.data import Blocks, blocks_fingerprint, load_blocks, source_key
+from kd.data import Blocks, blocks_fingerprint, data_key, load_blocks
 from kd.device import precisions_served
 from kd.paths import cache_dir
 from kd.train import train
@@ -50,9 +50,7 @@ def data_tokenizer(cfg: KDConfig) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(str(ensure_world(cfg.data.world_size, cfg.data.world_seed) / "tokenizer"))
     # A user's own corpus: train the same byte-level BPE the world uses on its training
     # split, cached by the data settings and the source's contents.
-    data = asdict(cfg.data)
-    data.pop("source")
-    key = {"kind": "trained_tokenizer", "data": data, "source": source_key(cfg.data), "vocab": TEXT_VOCAB_SIZE}
+    key = {"kind": "trained_tokenizer", **data_key(cfg.data), "vocab": TEXT_VOCAB_SIZE}
     path = cache_dir() / "tokenizers" / fingerprint(key)
     if not _tokenizer_complete(path):
         from kd.data import load_texts
