@@ -72,9 +72,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--child", type=int, default=-1, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from kd.losses_chunked import _rows
+    from kd.losses_chunked import auto_rows
 
-    chunk = args.chunk or _rows(None, args.vocab)
+    chunk = args.chunk or auto_rows(args.vocab)
     if args.child >= 0:
         return child(args.tokens, args.vocab, args.child)
     mem = {}

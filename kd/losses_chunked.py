@@ -5,7 +5,10 @@ and at T, the teacher's, their difference): at V = 128,256 and 8,192 tokens, 4.2
 each. Here the rows are split into chunks; each chunk's loss (the same code,
 :func:`kd.losses.loss_rows`, normalised by the whole batch's count) and its gradient
 wrt the chunk's logits are computed in the forward pass, and only the gradient (N, V),
-in the logits' dtype, is kept: the (N, V) temporaries of one chunk at a time. This is
+in the logits' dtype, is kept: the (N, V) temporaries of one chunk at a time. For forward
+KL (and CE alone) the chunk calls the fused node's math (:func:`kd.losses_fused.forward_rows`)
+without autograd and writes its softmax, then its gradient, straight into its rows of that
+(N, V) buffer; the other divergences take autograd per chunk. This is
 Liger-Kernel's chunked-loss idea without the lm_head (the cache holds logits, not hidden
 states) and pure torch, so it runs alike on CPU and GPU.
 
@@ -24,8 +27,13 @@ from torch import Tensor
 #: below it (the world's 16 x 127 x 2,048 = 4.2M) the unchunked fused node is as small and
 #: torch.compile sees one graph.
 AUTO_CHUNK_ELEMENTS = 1 << 26
-#: Rows per chunk when automatic: chunks of ~32M elements (128 MB of fp32 per temporary).
-AUTO_CHUNK_ROW_ELEMENTS = 1 << 25
+#: Elements per chunk when automatic, by device. On a CPU, chunks of ~2M elements (8 MB of
+#: fp32 per temporary) keep a chunk's few temporaries in the last-level cache and reuse the
+#: allocator's blocks: at V = 128,256 that measured faster than the unchunked loss, where
+#: 128 MB chunks were slower (bench/chunked_loss.py). Elsewhere (a GPU) larger chunks
+#: amortise the kernel launches of each chunk.
+AUTO_CHUNK_ROW_ELEMENTS = {"cpu": 1 << 21}
+AUTO_CHUNK_ROW_ELEMENTS_OTHER = 1 << 25
 
 
 def should_chunk(chunk_tokens: int | None, n: int, vocab: int) -> bool:
@@ -36,8 +44,10 @@ def should_chunk(chunk_tokens: int | None, n: int, vocab: int) -> bool:
     return 0 < chunk_tokens < n
 
 
-def _rows(chunk_tokens: int | None, vocab: int) -> int:
-    return chunk_tokens or max(1, AUTO_CHUNK_ROW_ELEMENTS // vocab)
+def auto_rows(vocab: int, device: torch.device | str = "cpu") -> int:
+    """Rows per chunk when ``chunk_tokens`` is None, for logits of ``vocab`` on ``device``."""
+    per_chunk = AUTO_CHUNK_ROW_ELEMENTS.get(torch.device(device).type, AUTO_CHUNK_ROW_ELEMENTS_OTHER)
+    return max(1, per_chunk // vocab)
 
 
 def _slices(n: int, rows: int) -> list[slice]:
@@ -52,19 +62,36 @@ class _Chunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student: Tensor, labels: Tensor, teacher, idx, val, tail, args: tuple, rows: int, target=None):
         from kd.losses import IGNORE_INDEX, loss_rows
+        from kd.losses_fused import backward_rows, forward_rows
 
         count = (labels != IGNORE_INDEX).sum().clamp(min=1)
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(student) if want_grad else None  # (N, V), the logits' dtype
         totals = torch.zeros(3, dtype=torch.float32, device=student.device)
+        temperature, kd_weight, divergence = args[:3]
+        direct = divergence == "forward_kl" or kd_weight == 0  # loss_rows' fused node: call its math
         for sl in _slices(student.shape[0], rows):
-            with torch.enable_grad():
-                s = student[sl].detach().requires_grad_(want_grad)
-                parts = loss_rows(s, labels[sl], _part(teacher, sl), _part(idx, sl), _part(val, sl),
-                                  _part(tail, sl), *args, count=count, target=_part(target, sl))
+            if direct:
+                # No autograd in the loop: the chunk's softmax goes straight into its rows of
+                # ``grad`` and its gradient is computed there in place (no copy, no fresh
+                # (rows, V) buffer for it); a low-precision gradient takes one copy.
+                q_out = grad[sl] if want_grad and grad.dtype == torch.float32 else None
+                *parts, saved = forward_rows(student[sl].detach(), labels[sl], _part(teacher, sl), _part(idx, sl),
+                                             _part(val, sl), temperature, kd_weight, _part(tail, sl), count,
+                                             _part(target, sl), q_out=q_out)
                 if want_grad:
-                    (g,) = torch.autograd.grad(parts.loss, s)
-                    grad[sl] = g
+                    g = backward_rows(saved, temperature, kd_weight, 1.0, 0.0, 0.0)
+                    if q_out is None:
+                        grad[sl] = g
+                del saved
+            else:
+                with torch.enable_grad():
+                    s = student[sl].detach().requires_grad_(want_grad)
+                    parts = loss_rows(s, labels[sl], _part(teacher, sl), _part(idx, sl), _part(val, sl),
+                                      _part(tail, sl), *args, count=count, target=_part(target, sl))
+                    if want_grad:
+                        (g,) = torch.autograd.grad(parts.loss, s)
+                        grad[sl] = g
             totals += torch.stack([p.detach() for p in parts])
         ctx.save_for_backward(grad, labels, teacher, idx, val, tail, student, target)
         ctx.args, ctx.rows = args, rows
@@ -103,5 +130,6 @@ def chunked_loss(student: Tensor, labels: Tensor, teacher: Tensor | None, idx: T
     """:func:`kd.losses.loss_rows` over (N, V) rows, ``chunk_tokens`` rows at a time."""
     from kd.losses import LossParts
 
-    return LossParts(*_Chunked.apply(student, labels, teacher, idx, val, tail, args, _rows(chunk_tokens, student.shape[-1]),
+    rows = chunk_tokens or auto_rows(student.shape[-1], student.device)
+    return LossParts(*_Chunked.apply(student, labels, teacher, idx, val, tail, args, rows,
                                      target))

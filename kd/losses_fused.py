@@ -55,6 +55,84 @@ def _kl_rows(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
     return torch.bmm(p.unsqueeze(1), diff.unsqueeze(2)).reshape(-1), p
 
 
+def forward_rows(student: Tensor, labels: Tensor, teacher: Tensor | None, idx: Tensor | None, val: Tensor | None,
+                 temperature: float, kd_weight: float, tail_lse: Tensor | None = None, count: Tensor | None = None,
+                 target: Tensor | None = None, q_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, tuple]:
+    """``(loss, ce, kd, saved)``: :class:`FusedForwardKL`'s forward without autograd.
+
+    ``saved`` is what :func:`backward_rows` needs. ``q_out`` (N, V) fp32, if given, receives
+    the student's softmax, in whose buffer :func:`backward_rows` then writes the gradient:
+    the chunked loss (:mod:`kd.losses_chunked`) passes its rows of the (N, V) gradient, so
+    a chunk's gradient is never copied and never a fresh (N, V) buffer.
+    """
+    keep = labels != -100  # (N,)
+    # A chunk of a batch (kd.losses_chunked) divides by the whole batch's count.
+    count = (keep.sum().clamp(min=1) if count is None else count).to(torch.float32)
+    safe_labels = torch.where(keep, labels, 0).unsqueeze(-1)  # (N, 1): gather needs a valid id
+    s = student.float()
+    log_q = torch.log_softmax(s, dim=-1)  # (N, V)
+    ce = torch.where(keep, -log_q.gather(-1, safe_labels).squeeze(-1), 0.0).sum() / count
+    kd = torch.zeros((), dtype=torch.float32, device=s.device)
+    q_t = p = ratio = None
+    if kd_weight > 0:
+        T = temperature
+        log_q_t = log_q if T == 1.0 else torch.log_softmax(s / T, dim=-1)
+        if teacher is not None:
+            log_p = torch.log_softmax(teacher.to(torch.float32, copy=True).div_(T), dim=-1)  # (N, V)
+            kd_rows, p = _kl_rows(log_p, log_q_t)
+        elif target is not None:  # an explicit sparse target: head + sampled tail
+            # ``target`` (N, m) sums to 1 per row, ``val`` holds the teacher's exact log p_T
+            # of each slot (kd.compact.sampled_targets): KL estimated on the slots.
+            p = target
+            kd_rows = torch.where(p > 0, p * (val - log_q_t.gather(-1, idx)), 0.0).sum(-1)
+        elif tail_lse is None:  # the truncated teacher on its k kept ids
+            log_p = torch.log_softmax(val.to(torch.float32, copy=True).div_(T), dim=-1)  # (N, k)
+            kd_rows, p = _kl_rows(log_p, log_q_t.gather(-1, idx))
+        else:  # the exact teacher on k + 1 buckets
+            log_p, log_p_tail = bucket_log_probs(val, tail_lse, T)  # (N, k), (N,)
+            kd_rows, p = _kl_rows(log_p, log_q_t.gather(-1, idx))
+        q_t = log_q_t.exp() if T == 1.0 else log_q_t.exp_()  # T = 1: log_q is needed below
+        if tail_lse is not None:
+            # The student's tail mass summed directly over the ids outside S (zero S in
+            # place, sum, put S back): 1 - sum_S q would lose it to cancellation when small.
+            q_s = q_t.gather(-1, idx)
+            q_tail = q_t.scatter_(-1, idx, 0.0).sum(-1).clamp_(min=torch.finfo(torch.float32).tiny)
+            q_t.scatter_(-1, idx, q_s)
+            p_tail = log_p_tail.exp()
+            kd_rows = kd_rows + torch.where(p_tail > 0, p_tail * (log_p_tail - q_tail.log()), 0.0)
+            ratio = (p_tail / q_tail).unsqueeze(-1)  # (N, 1): the tail's gradient weight
+        kd = T * T * torch.where(keep, kd_rows, 0.0).sum() / count
+    q = log_q.exp_() if q_out is None else torch.exp(log_q, out=q_out)
+    # Three distinct outputs (an autograd Function may not return one tensor twice).
+    loss = ce.clone() if kd_weight == 0 else kd.clone() if kd_weight == 1 else (1 - kd_weight) * ce + kd_weight * kd
+    return loss, ce, kd, (q, q_t, p, safe_labels, keep, count, idx, ratio)
+
+
+def backward_rows(saved: tuple, temperature: float, kd_weight: float, g_loss: Tensor | float,
+                  g_ce: Tensor | float, g_kd: Tensor | float) -> Tensor:
+    """The gradient wrt the student logits (fp32, in the saved softmax's buffer: ``saved``
+    is spent) for output gradients ``g_loss``, ``g_ce``, ``g_kd``."""
+    q, q_t, p, safe_labels, keep, count, idx, ratio = saved
+    a, T = kd_weight, temperature
+    # Each output's weight on the CE and KD parts; unused outputs arrive as zeros.
+    w_ce = ((1 - a) * g_loss + g_ce) / count
+    grad = q.mul_(w_ce)  # (N, V), in q's buffer: q - onehot(y)
+    grad.scatter_add_(-1, safe_labels, (-w_ce).expand(safe_labels.shape).contiguous())
+    if q_t is not None:
+        w_kd = (a * g_loss + g_kd) * T / count  # d(T^2 KL)/ds = T (q_T - p_T)
+        if ratio is not None:  # buckets: T q (1 - r) everywhere, then T (q r - p) on S
+            grad.addcmul_(q_t, w_kd * (1 - ratio))
+            grad.scatter_add_(-1, idx, (q_t.gather(-1, idx) * ratio - p) * w_kd)
+        else:
+            grad.addcmul_(q_t, w_kd)
+            if idx is None:
+                grad.addcmul_(p, -w_kd)
+            else:
+                grad.scatter_add_(-1, idx, p * -w_kd)
+    grad.masked_fill_(~keep.unsqueeze(-1), 0.0)  # masked rows: whatever they held, no gradient
+    return grad
+
+
 class FusedForwardKL(torch.autograd.Function):
     """``(loss, ce, kd)`` of ``(1 - a) CE + a T^2 KL(p_T || q_T)`` over unmasked rows.
 
@@ -71,68 +149,13 @@ class FusedForwardKL(torch.autograd.Function):
                 val: Tensor | None, temperature: float, kd_weight: float,
                 tail_lse: Tensor | None = None, count: Tensor | None = None,
                 target: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        keep = labels != -100  # (N,)
-        # A chunk of a batch (kd.losses_chunked) divides by the whole batch's count.
-        count = (keep.sum().clamp(min=1) if count is None else count).to(torch.float32)
-        safe_labels = torch.where(keep, labels, 0).unsqueeze(-1)  # (N, 1): gather needs a valid id
-        s = student.float()
-        log_q = torch.log_softmax(s, dim=-1)  # (N, V)
-        ce = torch.where(keep, -log_q.gather(-1, safe_labels).squeeze(-1), 0.0).sum() / count
-        kd = torch.zeros((), dtype=torch.float32, device=s.device)
-        q_t = p = ratio = None
-        if kd_weight > 0:
-            T = temperature
-            log_q_t = log_q if T == 1.0 else torch.log_softmax(s / T, dim=-1)
-            if teacher is not None:
-                log_p = torch.log_softmax(teacher.to(torch.float32, copy=True).div_(T), dim=-1)  # (N, V)
-                kd_rows, p = _kl_rows(log_p, log_q_t)
-            elif target is not None:  # an explicit sparse target: head + sampled tail
-                # ``target`` (N, m) sums to 1 per row, ``val`` holds the teacher's exact log p_T
-                # of each slot (kd.compact.sampled_targets): KL estimated on the slots.
-                p = target
-                kd_rows = torch.where(p > 0, p * (val - log_q_t.gather(-1, idx)), 0.0).sum(-1)
-            elif tail_lse is None:  # the truncated teacher on its k kept ids
-                log_p = torch.log_softmax(val.to(torch.float32, copy=True).div_(T), dim=-1)  # (N, k)
-                kd_rows, p = _kl_rows(log_p, log_q_t.gather(-1, idx))
-            else:  # the exact teacher on k + 1 buckets
-                log_p, log_p_tail = bucket_log_probs(val, tail_lse, T)  # (N, k), (N,)
-                kd_rows, p = _kl_rows(log_p, log_q_t.gather(-1, idx))
-            q_t = log_q_t.exp() if T == 1.0 else log_q_t.exp_()  # T = 1: log_q is needed below
-            if tail_lse is not None:
-                # The student's tail mass summed directly over the ids outside S (zero S in
-                # place, sum, put S back): 1 - sum_S q would lose it to cancellation when small.
-                q_s = q_t.gather(-1, idx)
-                q_tail = q_t.scatter_(-1, idx, 0.0).sum(-1).clamp_(min=torch.finfo(torch.float32).tiny)
-                q_t.scatter_(-1, idx, q_s)
-                p_tail = log_p_tail.exp()
-                kd_rows = kd_rows + torch.where(p_tail > 0, p_tail * (log_p_tail - q_tail.log()), 0.0)
-                ratio = (p_tail / q_tail).unsqueeze(-1)  # (N, 1): the tail's gradient weight
-            kd = T * T * torch.where(keep, kd_rows, 0.0).sum() / count
-        q = log_q.exp_()
-        # Three distinct outputs (an autograd Function may not return one tensor twice).
-        loss = ce.clone() if kd_weight == 0 else kd.clone() if kd_weight == 1 else (1 - kd_weight) * ce + kd_weight * kd
-        ctx.save_for_backward(q, q_t, p, safe_labels, keep, count, idx, ratio)
+        loss, ce, kd, saved = forward_rows(student, labels, teacher, idx, val, temperature, kd_weight, tail_lse,
+                                           count, target)
+        ctx.save_for_backward(*saved)
         ctx.temperature, ctx.kd_weight, ctx.student_dtype = temperature, kd_weight, student.dtype
         return loss, ce, kd
 
     @staticmethod
     def backward(ctx, g_loss: Tensor, g_ce: Tensor, g_kd: Tensor):
-        q, q_t, p, safe_labels, keep, count, idx, ratio = ctx.saved_tensors
-        a, T = ctx.kd_weight, ctx.temperature
-        # Each output's weight on the CE and KD parts; unused outputs arrive as zeros.
-        w_ce = ((1 - a) * g_loss + g_ce) / count
-        grad = q.mul_(w_ce)  # (N, V), in q's buffer (saved for this backward only): q - onehot(y)
-        grad.scatter_add_(-1, safe_labels, (-w_ce).expand(safe_labels.shape).contiguous())
-        if q_t is not None:
-            w_kd = (a * g_loss + g_kd) * T / count  # d(T^2 KL)/ds = T (q_T - p_T)
-            if ratio is not None:  # buckets: T q (1 - r) everywhere, then T (q r - p) on S
-                grad.addcmul_(q_t, w_kd * (1 - ratio))
-                grad.scatter_add_(-1, idx, (q_t.gather(-1, idx) * ratio - p) * w_kd)
-            else:
-                grad.addcmul_(q_t, w_kd)
-                if idx is None:
-                    grad.addcmul_(p, -w_kd)
-                else:
-                    grad.scatter_add_(-1, idx, p * -w_kd)
-        grad.masked_fill_(~keep.unsqueeze(-1), 0.0)  # masked rows: whatever they held, no gradient
+        grad = backward_rows(ctx.saved_tensors, ctx.temperature, ctx.kd_weight, g_loss, g_ce, g_kd)
         return grad.to(ctx.student_dtype), None, None, None, None, None, None, None, None, None

@@ -94,8 +94,11 @@ def test_fused_sampled_loss_equals_autograd_through_its_formula(kd_weight):
     torch.testing.assert_close(s1.grad.double(), s2.grad, rtol=1e-4, atol=1e-6)
     assert s1.grad[0, 3].abs().max().item() == 0.0  # a masked row gets no gradient
 
-    chunked = distillation_loss(s1.detach(), labels, temperature=t, kd_weight=kd_weight, chunk_tokens=5, **pack)
+    s3 = student.clone().float().requires_grad_(True)
+    chunked = distillation_loss(s3, labels, temperature=t, kd_weight=kd_weight, chunk_tokens=5, **pack)
+    chunked.loss.backward()
     assert chunked.loss.item() == pytest.approx(got.loss.item(), rel=1e-6)
+    torch.testing.assert_close(s3.grad, s1.grad, rtol=1e-6, atol=1e-8)
 
 
 def test_the_sampled_gradient_is_the_dense_one_on_average():

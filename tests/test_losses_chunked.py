@@ -67,6 +67,13 @@ def test_chunked_low_precision_and_no_grad():
     torch.testing.assert_close(got, ref.loss.detach())
 
 
+def test_auto_chunk_rows_by_device():
+    from kd.losses_chunked import auto_rows
+
+    assert auto_rows(128_256) * 128_256 <= 1 << 21  # CPU: a chunk's temporaries stay cache-sized
+    assert auto_rows(128_256, "cuda") * 128_256 > 1 << 24 and auto_rows(10**9) == 1
+
+
 def test_auto_chunking_threshold_and_bad_value():
     assert not should_chunk(None, 16 * 127, 2048)  # the world's batches stay one fused node
     assert should_chunk(None, 8192, 128_256)
