@@ -26,7 +26,10 @@ SPEC = SweepSpec(
     space={"loss.kd_weight": Uniform(0.0, 1.0)},
     objectives=["acc_mean"],
     budget={"smoke": 2, "demo": 8, "full": 32},
-    fixed={"loss.temperature": 2.0, "student.n_layer": 2, "student.n_embd": 128},
+    # T = 1: measured best of the temperatures tried, on the embedded world (the temperature
+    # sweep: T = 0.5-1 on top, T = 2 among the worst) and on WikiText-2 (T = 1, 2, 4):
+    # BENCHMARKS.md. At T = 2 this sweep only measured how much T = 2 hurts.
+    fixed={"loss.temperature": 1.0, "student.n_layer": 2, "student.n_embd": 128},
     preset_fixed={"smoke": {"student.n_layer": 1, "student.n_embd": 32}},
     # The CE-only baseline and distillation only come first: every other point is read
     # against them.
