@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -159,6 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*(args.overrides or []), *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # SIGTERM (a scheduler, `kill`, a closing terminal) ends a run as Ctrl-C does: between two
+    # steps, with a checkpoint and one line, not silently mid-step.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

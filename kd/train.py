@@ -343,7 +343,8 @@ FINITE_CHECK_EVERY = 10
 
 
 class _deferred_interrupt:
-    """Within the block, SIGINT sets a flag instead of raising at an arbitrary line.
+    """Within the block, SIGINT (and SIGTERM where it raises KeyboardInterrupt, as ``kd``'s
+    command line sets it) sets a flag instead of raising at an arbitrary line.
 
     The loop then stops between two steps, where model, optimizer, scheduler and step
     count agree, and saves a checkpoint that resumes exactly. Only the main thread may
@@ -352,12 +353,13 @@ class _deferred_interrupt:
 
     def __enter__(self) -> Callable[[], bool]:
         self.flag = threading.Event()
-        self.old = None
-        if threading.current_thread() is threading.main_thread() \
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self.old = signal.signal(signal.SIGINT, lambda *_: self.flag.set())
+        self.old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is signal.default_int_handler:
+                    self.old[sig] = signal.signal(sig, lambda *_: self.flag.set())
         return self.flag.is_set
 
     def __exit__(self, *exc) -> None:
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)

@@ -225,9 +225,11 @@ def _student_weights(path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_ctrl_c_then_rerun_continues_exactly(tmp_path, tiny_overrides):
-    """SIGINT mid-run: one line, exit 130, a checkpoint; the same command again finishes the
-    run from it, to the same weights as a run that was never interrupted."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_then_rerun_continues_exactly(tmp_path, tiny_overrides, sig):
+    """SIGINT (Ctrl-C) or SIGTERM (kill, a scheduler) mid-run: one line, exit 130, a
+    checkpoint; the same command again finishes the run from it, to the same weights as a
+    run that was never interrupted."""
     # fp32 and no compile: the auto choices probe the machine, and both runs must choose alike.
     args = [*_overrides(tiny_overrides), "train.steps=30", "train.eval_every=10", "train.precision=fp32",
             "train.compile=false"]
@@ -243,7 +245,7 @@ def test_ctrl_c_then_rerun_continues_exactly(tmp_path, tiny_overrides):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-3000:]
     last = err.strip().splitlines()[-1]  # the progress bar ended, then kd's one line
