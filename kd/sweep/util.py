@@ -39,25 +39,83 @@ def _finite(v: Any) -> Any:
     return v
 
 
-def probe_tracking(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds, in one line, when an MLflow server is not there (MLflow itself
-    retries for minutes and ends in a long traceback)."""
+#: The schemes MLflow's own tracking store registry holds without plugins (mlflow 3): known
+#: here so that the usual URIs need no mlflow import (seconds) to be accepted.
+_MLFLOW_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
+                   "databricks-uc", "uc")
+_STAY_LOCAL = "unset MLFLOW_TRACKING_URI to log to a local mlflow.db"
+
+
+def probe_tracking(uri: str, timeout_s: float = 5.0, *, key: str = "MLFLOW_TRACKING_URI",
+                   instead: str = _STAY_LOCAL) -> None:
+    """Fail in seconds, in one line, when ``uri`` is no MLflow store MLflow can open: a scheme it
+    has no store for, or an http(s) address where no MLflow server answers (MLflow itself
+    retries for minutes, or fails after Ray started, in a long traceback).
+
+    ``key`` names where the URI came from and ``instead`` what else to do, in the message;
+    the URI is printed without credentials.
+    """
+    from kd.sweep.spec import SweepError
+
+    if not uri:
+        return
+    shown = without_credentials(uri)
+    schemes = unsupported_scheme(uri)
+    if schemes is not None:
+        raise SweepError(f"{key}={shown} is not allowed: MLflow has no tracking store for the scheme "
+                         f"{_scheme(uri)!r}; use a URI of scheme {', '.join(s for s in schemes if s)}, "
+                         "or a plain directory path")
+    if _scheme(uri) not in ("http", "https"):
+        return
+    status, body, reason = _get_health(shown, timeout_s)
+    if reason is not None:
+        raise SweepError(f"{key}={shown} does not answer ({reason}): start the tracking server, or {instead}")
+    if status in (401, 403):
+        return  # an auth proxy in front of MLflow may refuse /health: it is there, MLflow will say more
+    if status != 200 or body.strip() != b"OK":
+        answer = f"HTTP {status}" if status != 200 else f"HTTP 200 {body[:40]!r}"
+        raise SweepError(f"{key}={shown} answers but is not an MLflow server (GET /health gave {answer}, "
+                         f"MLflow's gives 'OK'): set it to the tracking server's URL, or {instead}")
+
+
+def _scheme(uri: str) -> str:
+    """The scheme as MLflow reads it: ``postgresql+psycopg2`` is ``postgresql``, a path has none."""
+    return urlsplit(uri).scheme.lower().split("+", 1)[0]
+
+
+def unsupported_scheme(uri: str) -> list[str] | None:
+    """None when MLflow has a tracking store for ``uri``'s scheme, else the schemes it has.
+
+    A scheme outside the built-in ones is looked up in MLflow's own registry, which also
+    holds the stores that plugins register (entry points).
+    """
+    if _scheme(uri) in _MLFLOW_SCHEMES:
+        return None
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry as registry
+    except ImportError:  # a private path of mlflow's: if it moves, the built-in list still answers
+        return list(_MLFLOW_SCHEMES)
+    try:
+        registry.get_store_builder(uri)
+    except MlflowException:
+        return sorted(registry._registry)
+    return None
+
+
+def _get_health(uri: str, timeout_s: float) -> tuple[int, bytes, str | None]:
+    """``(status, first bytes of the body, None)`` of ``GET uri/health``, or ``(0, b"", why)``
+    when nothing answers."""
     import urllib.error
     import urllib.request
 
-    from kd.sweep.spec import SweepError
-
-    if not uri.startswith(("http://", "https://")):
-        return
-    uri = without_credentials(uri)
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
-            return
-    except urllib.error.HTTPError:
-        return  # it answers (an auth proxy may refuse /health): MLflow will say more
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+            return r.status, r.read(64), None
+    except urllib.error.HTTPError as e:
+        return e.code, b"", None
     except (OSError, ValueError) as e:
-        raise SweepError(f"MLFLOW_TRACKING_URI={uri} does not answer ({getattr(e, 'reason', e)}): start the "
-                         "tracking server, or unset MLFLOW_TRACKING_URI to log to a local mlflow.db") from None
+        return 0, b"", str(getattr(e, "reason", e))
 
 
 def probe_address(address: str | None, timeout_s: float = 5.0) -> None:

@@ -1,0 +1,155 @@
+"""A service that is not there, or not what it should be, is one line in seconds.
+
+Real services throughout: ``python -m http.server`` for "answers HTTP but is not MLflow",
+small ``http.server`` handlers for MLflow's /health and an auth proxy's 401, a bound socket
+for a port in use, a closed port for a server that is down.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kd.sweep.spec import SweepError
+from kd.sweep.util import probe_tracking
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(port: int, proc: subprocess.Popen | None = None, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert proc is None or proc.poll() is None, "the server exited"
+            assert time.monotonic() < deadline, f"nothing listens on {port} after {timeout_s} s"
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def plain_http() -> Iterator[str]:
+    """``python -m http.server`` on 127.0.0.1: HTTP, but not MLflow (/health is a 404)."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT / "tests")
+    try:
+        _wait_listening(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _health_server(status: int, body: bytes) -> tuple[http.server.HTTPServer, str]:
+    """An HTTP server on 127.0.0.1 whose every GET answers ``status`` with ``body``."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def _sweep(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--preset", "smoke",
+                           "--output-dir", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "KD_CACHE_DIR": str(tmp_path / "cache"), **env})
+    return proc, time.monotonic() - t0
+
+
+# ------------------------------------------------------- probe_tracking (items 2 and 3)
+
+
+@pytest.mark.parametrize("status, body", [(200, b"OK"), (401, b"login"), (403, b"")],
+                         ids=["mlflow", "auth-proxy-401", "auth-proxy-403"])
+def test_an_mlflow_server_or_an_auth_proxy_in_front_of_one_counts_as_there(status, body):
+    server, url = _health_server(status, body)
+    try:
+        probe_tracking(url)
+        probe_tracking(url + "/")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("status, body, said", [(200, b"<html>hello</html>", "HTTP 200 b'<html>"),
+                                                (500, b"", "HTTP 500")])
+def test_an_http_answer_that_is_not_mlflows_is_refused(status, body, said):
+    server, url = _health_server(status, body)
+    try:
+        with pytest.raises(SweepError, match=f"answers but is not an MLflow server .*{said}"):
+            probe_tracking(url)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_plain_http_server_is_refused_without_printing_credentials(plain_http):
+    secret = plain_http.replace("http://", "http://alice:s3cret@")
+    with pytest.raises(SweepError) as e:
+        probe_tracking(secret)
+    message = str(e.value)
+    assert message.startswith(f"MLFLOW_TRACKING_URI={plain_http} answers but is not an MLflow server"), message
+    assert "HTTP 404" in message and "s3cret" not in message and "alice" not in message
+
+
+@pytest.mark.parametrize("uri", ["garbage://x", "GARBAGE://alice:pw@host/x", "s3://bucket/mlruns"])
+def test_a_scheme_mlflow_has_no_store_for_is_refused_naming_what_is_allowed(uri):
+    with pytest.raises(SweepError) as e:
+        probe_tracking(uri)
+    message = str(e.value)
+    assert "is not allowed: MLflow has no tracking store for the scheme" in message, message
+    assert "pw" not in message and "sqlite" in message and "http" in message and "file" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("uri", ["", "sqlite:////tmp/x/mlflow.db", "/tmp/x/mlruns", "mlruns", "file:///tmp/x",
+                                 "postgresql+psycopg2://u@h/db", "databricks"])
+def test_stores_mlflow_opens_without_a_server_pass_without_a_probe(uri):
+    probe_tracking(uri)
+
+
+def test_sweep_on_a_non_mlflow_http_server_fails_in_one_line_before_ray(tmp_path, plain_http):
+    proc, wall = _sweep(tmp_path, {"MLFLOW_TRACKING_URI": plain_http})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"sweeps/temperature.py: error: MLFLOW_TRACKING_URI={plain_http} answers but is not an MLflow server "
+        "(GET /health gave HTTP 404, MLflow's gives 'OK'): set it to the tracking server's URL, or unset "
+        "MLFLOW_TRACKING_URI to log to a local mlflow.db"], proc.stderr[-2000:]
+    assert wall < 15
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_sweep_with_an_unknown_scheme_fails_in_one_line_before_ray(tmp_path):
+    proc, wall = _sweep(tmp_path, {"MLFLOW_TRACKING_URI": "garbage://x"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "MLFLOW_TRACKING_URI=garbage://x is not allowed: MLflow has no tracking store " \
+        "for the scheme 'garbage'; use a URI of scheme " in lines[0], proc.stderr[-2000:]
+    assert wall < 15
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
