@@ -1,8 +1,8 @@
 """Checks that need the machine, the file system or the data, run before any training.
 
 :func:`kd.config.validate` checks values alone; what passes it can still fail an hour
-later (``train.device=cuda`` on a machine without CUDA, an ``output_dir`` that is a file,
-a batch larger than the data). These checks find that first, write nothing outside the
+later (``train.device=cuda`` on a machine without CUDA, an ``output_dir`` that is a file, a
+read-only cache directory, a batch larger than the data). These checks find that first, write nothing outside the
 cache (the world and the packed blocks they load are cached for the run anyway), and
 raise :class:`~kd.config.ConfigError` with one line that names key, value and what to do.
 """
@@ -53,6 +53,14 @@ def check_output_dir(path: str | os.PathLike, key: str = "output_dir") -> None:
     os.unlink(tmp)
 
 
+def check_cache_dir() -> None:
+    """The cache root (``$KD_CACHE_DIR``, default ``~/.cache/kd``) can be written: the world,
+    data blocks, teacher and soft labels are built there before anything else runs."""
+    from kd.paths import cache_dir
+
+    check_output_dir(cache_dir(), key="KD_CACHE_DIR")
+
+
 def check_batch_size(key: str, batch_size: int, n_blocks: int, world_size: int = 1) -> None:
     """A step needs ``batch_size`` blocks on each of ``world_size`` workers (kd.train drops no epoch)."""
     per_worker = n_blocks // max(1, world_size)
@@ -91,6 +99,7 @@ def check_training(cfg: KDConfig, *, world_size: int = 1, student: bool = True) 
     ``student=False`` checks only what ``kd teacher`` needs.
     """
     check_device("train.device", cfg.train.device)
+    check_cache_dir()
     from kd.data import load_blocks
 
     with _quiet_datasets():  # a refusal is one line on stderr, not progress bars and then a line

@@ -44,8 +44,9 @@ def env_tracking_uri() -> str | None:
     return env
 
 
-def tracking_uri(output_dir: str | os.PathLike) -> str:
-    """``$MLFLOW_TRACKING_URI`` if set, else a sqlite store in the sweep's output dir.
+def tracking_uri(output_dir: str | os.PathLike, create: bool = True) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else a sqlite store in the sweep's output dir
+    (created unless ``create=False``: a sweep makes its folder once it can start).
 
     Credentials in the URI (``http://user:password@host``) move to MLflow's own
     ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` and the URI is returned
@@ -55,7 +56,8 @@ def tracking_uri(output_dir: str | os.PathLike) -> str:
     if env:
         return env
     path = Path(output_dir).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'mlflow.db'}"
 
 

@@ -136,6 +136,9 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     (["--set", "loss.temperature=3"], "is what this sweep searches"),
     (["--resume"], "no sweep to resume"),
     (["--trials", "0"], "--trials=0 is not allowed"),
+    (["--max-concurrent", "0"], "--max-concurrent=0 is not allowed: must be >= 1"),
+    (["--max-concurrent", "-1"], "--max-concurrent=-1 is not allowed: must be >= 1"),
+    (["--max-failures", "-2"], "--max-failures=-2 is not allowed: must be >= 0, or -1 for no limit"),
 ])
 def test_bad_input_exits_with_one_line_before_ray_or_files(tmp_path, args, message):
     out = tmp_path / "out"
@@ -145,6 +148,27 @@ def test_bad_input_exits_with_one_line_before_ray_or_files(tmp_path, args, messa
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not out.exists(), "nothing may be written for a bad configuration"
     assert not (tmp_path / "cache").exists()
+
+
+def test_an_output_dir_or_cache_that_cannot_be_written_is_refused_in_one_line(tmp_path):
+    """A file where a folder must be (the same check finds a read-only mount): one line,
+    before Ray, the teacher or any folder (issue 15)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for where in (blocker, blocker / "sub"):
+        proc = _run([str(ROOT / "sweeps" / "temperature.py"), "--preset", "smoke", "--output-dir", str(where)],
+                    tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--output-dir=" in lines[0] and "is a file, not a directory" in lines[0], lines
+    out = tmp_path / "out"
+    env = {**os.environ, "KD_CACHE_DIR": str(blocker)}
+    proc = subprocess.run([sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--preset", "smoke",
+                           "--output-dir", str(out)], cwd=tmp_path, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: KD_CACHE_DIR='{blocker}' is not allowed: it is a file" in proc.stderr.strip().splitlines()[-1]
+    assert not out.exists(), "a sweep that never started leaves no folder"
 
 
 def test_sweep_cli_does_not_import_ray_or_mlflow():

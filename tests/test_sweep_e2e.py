@@ -233,7 +233,7 @@ def test_a_batch_larger_than_the_data_is_refused_before_ray_starts(tmp_path, cac
     lines = [ln for ln in proc.stderr.strip().splitlines() if "Warning" not in ln and ln.strip()]
     assert re.search(r"error: train.batch_size=100000 is not allowed: the data has only \d+ training blocks",
                      lines[-1]), proc.stderr[-2000:]
-    assert not (out / "sweep.json").exists() and not (out / "mlflow.db").exists()
+    assert not out.exists(), "a refused sweep leaves no folder, not even an empty one"
     assert not list(Path(env["KD_RAY_TEMP_DIR"]).iterdir())  # Ray never started
 
 
@@ -263,3 +263,25 @@ def test_nan_trial_is_failed_in_mlflow_and_the_sweep_goes_on(tmp_path, cache_roo
     assert good.info.status == "FINISHED" and "acc_mean" in good.data.metrics
     assert meta["parent"].info.status == "FINISHED"
     assert any(k.startswith("teacher_") for k in meta["parent"].data.metrics)
+
+
+def test_ctrl_c_while_ray_starts_is_one_line_and_strands_nothing(tmp_path, cache_root):
+    """SIGINT as soon as the local Ray appears (its start-up, the teacher's soft labels):
+    exit 130 with one line and no traceback; a folder is left only if it holds a sweep that
+    --resume continues (issue 15)."""
+    env, out = _env(cache_root), tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--preset", "smoke",
+                             "--no-report", "--output-dir", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    ray_dir, deadline = Path(env["KD_RAY_TEMP_DIR"]), time.monotonic() + 120
+    while not (ray_dir.exists() and any(ray_dir.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (stdout + stderr)[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert not out.exists() or (out / "sweep.json").is_file(), sorted(p.name for p in out.iterdir())
+    if not out.exists():
+        assert stderr.strip().splitlines()[-1].endswith("interrupted before the sweep started: rerun the command "
+                                                        "to start it"), stderr[-2000:]

@@ -75,6 +75,13 @@ def _output_dir(name: str, given: str | None, resume: bool) -> Path:
     return out
 
 
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()  # only succeeds when empty
+    except OSError:
+        pass
+
+
 def _fail(prog: str, message: str, code: int = 2) -> None:
     print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(code)
@@ -114,10 +121,19 @@ def main(spec: SweepSpec, argv: list[str] | None = None) -> int:
     """Run a sweep script's command line; returns the exit status (0 = done, 130 = interrupted)."""
     p = parser(spec)
     args = p.parse_args(argv)
-    for flag, value in (("--trials", args.trials), ("--repeats", args.repeats), ("--num-workers", args.num_workers)):
+    for flag, value in (("--trials", args.trials), ("--repeats", args.repeats), ("--num-workers", args.num_workers),
+                        ("--max-concurrent", args.max_concurrent)):
         if value is not None and value < 1:
             _fail(p.prog, f"{flag}={value} is not allowed: must be >= 1")
+    if args.max_failures < -1:
+        _fail(p.prog, f"--max-failures={args.max_failures} is not allowed: must be >= 0, or -1 for no limit")
     output_dir = _output_dir(spec.name, args.output_dir, args.resume)
+    try:
+        from kd.preflight import check_output_dir
+
+        check_output_dir(output_dir, key="--output-dir")  # a file, a read-only mount: before any work
+    except ConfigError as e:
+        _fail(p.prog, str(e))
     state_file = output_dir / "sweep.json"
     if args.resume and not state_file.is_file():
         _fail(p.prog, f"--resume: no sweep to resume in {output_dir} (no sweep.json); run without --resume first")
@@ -153,6 +169,7 @@ def main(spec: SweepSpec, argv: list[str] | None = None) -> int:
         seed=seed, repeats=repeats, references=references,
     )
 
+    existed = output_dir.exists()
     try:
         preflight(bool(options.use_gpu), options.address)  # a dead service fails before Ray is imported
         from kd.sweep.driver import run_sweep  # imports Ray: only after every check passed
@@ -162,6 +179,15 @@ def main(spec: SweepSpec, argv: list[str] | None = None) -> int:
         _fail(p.prog, str(e))
     except SweepError as e:
         _fail(p.prog, str(e), 1)
+    except KeyboardInterrupt:  # Ctrl-C before Tune took over (Ray's start-up, the teacher)
+        started = state_file.is_file()
+        print(f"{p.prog}: interrupted" + (f"; resume with  python sweeps/{spec.name}.py --resume --output-dir "
+                                          f"{output_dir}" if started else " before the sweep started: rerun "
+                                          "the command to start it"), file=sys.stderr)
+        return 130
+    finally:
+        if not existed:
+            _remove_if_empty(output_dir)  # a sweep that never started leaves no empty folder behind
     print(results.text())
     if results.error:
         _fail(p.prog, results.error, 1)

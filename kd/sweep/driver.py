@@ -191,7 +191,7 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
     space, points = spec.for_preset(options.preset)
     check_space(space, base)
     check_objectives(spec.objectives)
-    uri = tracking_uri(out)
+    uri = tracking_uri(out, create=False)  # the folder is made once the sweep can start
     preflight(bool(options.use_gpu), options.address)  # seconds, not minutes of retries (kd.sweep.cli ran it too)
     experiment = options.experiment or spec.name
     state_file = out / "sweep.json"
@@ -217,6 +217,7 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
         resources, threads, fits = _resources(options.num_workers, use_gpu, options.force_train)
         # Only now is anything durable written: a sweep that could not start leaves no
         # sweep.json (a rerun is not refused, a bare --resume does not pick this folder).
+        out.mkdir(parents=True, exist_ok=True)
         tracker = Tracker(uri, experiment)
         if options.resume:
             parent_id = tracker.start_sweep(spec.name, {}, run_id=state["parent_run_id"])
