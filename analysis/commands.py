@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 #: Where ``python sweeps/X.py`` keeps its store unless told (kd.sweep.cli's default).
@@ -56,10 +57,12 @@ def ui_command(uri: str, port: int, workers: int = 1) -> list[str]:
 
 def run_report(args: argparse.Namespace) -> int:
     """``kd report EXPERIMENT``: write the report folder and print report.md's path."""
-    from analysis.report import write_report  # pandas and matplotlib: only when a report is asked for
-
     try:
         uri = resolve_store(args.tracking_uri, args.experiment, flag="--tracking-uri")
+        _probe(uri, "--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI",
+               "pass --tracking-uri with a sweep's output dir or mlflow.db")
+        from analysis.report import write_report  # pandas and matplotlib: only when a report is asked for
+
         if args.out:
             out = Path(args.out)
         elif uri.startswith("sqlite:///"):
@@ -67,17 +70,42 @@ def run_report(args: argparse.Namespace) -> int:
         else:
             out = Path("runs") / "reports" / args.experiment
         path = write_report(uri, args.experiment, out)
-    except (FileNotFoundError, LookupError, ValueError) as e:
+    except (FileNotFoundError, LookupError, ValueError, StoreUnusable) as e:
         print(f"kd report: {e}", file=sys.stderr)
         return 2
     print(path)
     return 0
 
 
+class StoreUnusable(Exception):
+    """A store MLflow cannot use here (its server down, not MLflow, a scheme it has no store for)."""
+
+
+def _probe(uri: str, key: str, instead: str) -> None:
+    """:func:`kd.sweep.util.probe_tracking` as a :class:`StoreUnusable`: seconds and one line,
+    not minutes of MLflow's retries (``kd report`` against a server that is down hung)."""
+    from kd.sweep.spec import SweepError
+    from kd.sweep.util import probe_tracking
+
+    try:
+        probe_tracking(uri, key=key, instead=instead)
+    except SweepError as e:
+        raise StoreUnusable(str(e)) from None
+
+
 def run_ui(args: argparse.Namespace) -> int:
-    """``kd ui``: serve the MLflow UI for the store on 127.0.0.1 until interrupted."""
+    """``kd ui``: serve the MLflow UI for the store on 127.0.0.1 until interrupted.
+
+    Refused in one line, status 2, before anything starts: an http(s) store (a tracking
+    server already serves its own UI: the line gives the URL to open), a port that cannot
+    be listened on. A server that exits on its own ends kd ui with status 1.
+    """
     try:
         uri = resolve_store(args.store)
+        check_servable(uri, "--store" if args.store else "MLFLOW_TRACKING_URI")
+        check_port(args.port)
+        if args.workers < 1:
+            raise ValueError(f"--workers={args.workers} is not allowed: must be >= 1")
     except (FileNotFoundError, ValueError) as e:
         print(f"kd ui: {e}", file=sys.stderr)
         return 2
@@ -85,9 +113,40 @@ def run_ui(args: argparse.Namespace) -> int:
         "MLFLOW_DISABLE_TELEMETRY", "true")}
     print(f"MLflow UI for {uri}\n  http://127.0.0.1:{args.port}  (Ctrl-C stops it)",
           flush=True)
-    from kd.serve import serve  # the server's whole process group stops with kd ui
+    from kd.serve import ServerExited, serve  # the server's whole process group stops with kd ui
 
-    return serve(ui_command(uri, args.port, args.workers), env=env)
+    try:
+        return serve(ui_command(uri, args.port, args.workers), env=env)
+    except ServerExited as e:  # mlflow server exits 0 even when it could not serve
+        print(f"kd ui: the MLflow server exited on its own (status {e.status}) before it was stopped; "
+              "its output above says why", file=sys.stderr)
+        return 1
+
+
+def check_servable(uri: str, key: str) -> None:
+    """An http(s) store is a tracking server with its own UI: refuse to start a second
+    server in front of it, and say which URL to open instead (without credentials)."""
+    from urllib.parse import urlsplit
+
+    from kd.sweep.util import without_credentials
+
+    if urlsplit(uri).scheme.lower() in ("http", "https"):
+        shown = without_credentials(uri)
+        raise ValueError(f"{key}={shown} is already an MLflow server, which serves its own UI: open {shown} "
+                         "in a browser (kd ui serves a local store: give --store with a sweep's output dir)")
+
+
+def check_port(port: int, host: str = "127.0.0.1") -> None:
+    """``port`` can be listened on at ``host`` now (else uvicorn logs the error and mlflow
+    server exits 0, seconds after kd ui printed a URL that does not work)."""
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port={port} is not allowed: must be in 1..65535")
+    from kd.serve import cannot_listen
+
+    why = cannot_listen(host, port)
+    if why is not None:
+        raise ValueError(f"--port={port} is not allowed: {host}:{port} cannot be listened on ({why}); "
+                         "pick a free port with --port, or stop what holds it")
 
 
 def add_parser(subparsers) -> None:
@@ -103,12 +162,20 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run_report)
 
     p = subparsers.add_parser("ui", help="serve the MLflow UI for the project's store on "
-                              "127.0.0.1 and print its URL")
+                              "127.0.0.1 and print its URL",
+                              description=textwrap.fill("Serve the MLflow UI for a local store on 127.0.0.1 until "
+                              "Ctrl-C. An http(s) tracking URI is not served again: it is already a "
+                              "server with its own UI, so kd ui prints the URL to open and exits with "
+                              "status 2, starting nothing; so does a port in use. A server that exits "
+                              "on its own ends kd ui with status 1.", 88))
     p.add_argument("--store", default=None, metavar="DIR_OR_URI", help="a sweep's output "
                    "dir, an mlflow.db file or a tracking URI; default $MLFLOW_TRACKING_URI, "
-                   "else the newest store under runs/sweeps/")
-    p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--workers", type=int, default=1, help="server worker processes")
+                   "else the newest store under runs/sweeps/ (an http(s) URI is a server already: "
+                   "kd ui prints its URL and exits 2)")
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1, which must be free "
+                   "(default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="server worker processes "
+                   "(default: %(default)s)")
     p.set_defaults(func=run_ui)
 
 

@@ -35,9 +35,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a save_pretrained directory (or hub id) with its tokenizer")
     p.add_argument("--task", choices=TASKS, help="world (--data is a world directory) or a public benchmark")
     p.add_argument("--data", help="the task's file (.jsonl/.json/.csv), a hub dataset id, or a world directory")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items (of each set)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items (of each set) "
+                   "(default: all items)")
     p.add_argument("--out", help="JSON file to write (default: eval_<task>.json in the current directory)")
-    p.add_argument("--fewshot", help="QA examples for the few-shot prompt, in the task's format (first 5 used)")
+    p.add_argument("--fewshot", help="QA examples for the few-shot prompt, in the task's format (first 5 used) "
+                   "(default: none: zero-shot; --task world always uses the world's qa_fewshot.jsonl)")
     p.add_argument("--batch-size", type=int, default=32, help="items per forward pass")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
     p.add_argument("--harness", metavar="TASKS", help="comma-separated lm-eval task names to run (eval extra)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,28 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 class _Stop(Exception):
     """Raised in the main thread by a stop signal's handler."""
+
+
+class ServerExited(RuntimeError):
+    """The server ended on its own, before anything told it to stop: it no longer serves,
+    whatever its exit status (``mlflow server`` exits 0 when uvicorn cannot bind its port)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"the server exited on its own (status {status})")
+        self.status = status
+
+
+def cannot_listen(host: str, port: int) -> str | None:
+    """Why a server could not listen on ``host:port`` now (``"[Errno 98] Address already in
+    use"``), or None when it can: a bind, released at once, with SO_REUSEADDR as servers set it
+    (so a port in TIME_WAIT is free and one with a listener is not)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return f"[Errno {e.errno}] {e.strerror}" if e.errno else str(e)
+    return None
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -72,8 +95,9 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 def serve(cmd: Sequence[str], *, env: Mapping[str, str] | None = None) -> int:
     """Run ``cmd`` in its own session until it exits or this process is told to stop.
 
-    Returns the server's exit status, or 0 when a signal (or Ctrl-C) stopped it: being
-    stopped is how a server is meant to end. The server's group is gone when this returns.
+    Returns 0 when a signal (or Ctrl-C) stopped it: being stopped is how a server is meant
+    to end. Raises :class:`ServerExited` when it ends on its own. The server's group is gone
+    when this returns or raises.
     """
     def _raise(signum: int, _frame: object) -> None:
         raise _Stop(signum)
@@ -85,7 +109,7 @@ def serve(cmd: Sequence[str], *, env: Mapping[str, str] | None = None) -> int:
         proc = subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, start_new_session=True,
                                 preexec_fn=_die_with_parent)
         watcher = reaper.watch_group(proc.pid)  # start_new_session: the server leads its group
-        return proc.wait()
+        status = proc.wait()
     except (_Stop, KeyboardInterrupt):
         return 0
     finally:
@@ -95,3 +119,4 @@ def serve(cmd: Sequence[str], *, env: Mapping[str, str] | None = None) -> int:
             reaper.release(watcher)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    raise ServerExited(status)

@@ -153,3 +153,110 @@ def test_sweep_with_an_unknown_scheme_fails_in_one_line_before_ray(tmp_path):
         "for the scheme 'garbage'; use a URI of scheme " in lines[0], proc.stderr[-2000:]
     assert wall < 15
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+# ------------------------------------------------------------------ kd report (item 1)
+
+
+def _kd(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+        timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "kd.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})})
+    return proc, time.monotonic() - t0
+
+
+def test_kd_report_with_the_tracking_server_down_fails_in_one_line(tmp_path):
+    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    proc, wall = _kd("report", "temperature", "--out", str(tmp_path / "r"), env={"MLFLOW_TRACKING_URI": url})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"kd report: MLFLOW_TRACKING_URI={url} does not answer ([Errno 111] Connection refused): start the "
+        "tracking server, or pass --tracking-uri with a sweep's output dir or mlflow.db"], proc.stderr[-2000:]
+    assert wall < 15 and proc.stdout == ""
+    assert not (tmp_path / "r").exists()
+
+
+def test_kd_report_refuses_a_non_mlflow_server_and_an_unknown_scheme_by_flag_name(tmp_path, plain_http):
+    proc, wall = _kd("report", "temperature", "--tracking-uri", plain_http, "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and wall < 15, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"kd report: --tracking-uri={plain_http} answers but is not an MLflow server"), line
+    proc, _ = _kd("report", "temperature", "--tracking-uri", "garbage://x", "--out", str(tmp_path / "r"))
+    (line,) = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "--tracking-uri=garbage://x is not allowed: MLflow has no tracking store" in line
+    assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------------- kd ui (items 4, 5)
+
+
+def test_kd_ui_on_a_tracking_server_says_open_it_and_starts_nothing(tmp_path):
+    port = _free_port()
+    proc, wall = _kd("ui", "--port", str(_free_port()),
+                     env={"MLFLOW_TRACKING_URI": f"http://alice:s3cret@127.0.0.1:{port}"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"kd ui: MLFLOW_TRACKING_URI=http://127.0.0.1:{port} is already an MLflow server, which serves its own "
+        f"UI: open http://127.0.0.1:{port} in a browser (kd ui serves a local store: give --store with a "
+        "sweep's output dir)"], proc.stderr
+    assert proc.stdout == "" and wall < 15  # no URL of a server that never starts
+    proc, _ = _kd("ui", "--store", "https://mlflow.example.com/")
+    assert proc.returncode == 2 and "--store=https://mlflow.example.com/ is already an MLflow server" in proc.stderr
+
+
+def test_kd_ui_on_a_port_in_use_fails_in_one_line_before_starting_a_server(tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc, wall = _kd("ui", "--store", f"sqlite:///{tmp_path}/mlflow.db", "--port", str(port))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"kd ui: --port={port} is not allowed: 127.0.0.1:{port} cannot be listened on ([Errno 98] Address already "
+        "in use); pick a free port with --port, or stop what holds it"], proc.stderr[-2000:]
+    assert proc.stdout == "" and wall < 10
+    assert not (tmp_path / "mlflow.db").exists(), "no server started (it would have created the store)"
+
+
+def test_kd_ui_whose_server_exits_on_its_own_exits_non_zero_even_when_the_server_says_0(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """``mlflow server`` exits 0 when uvicorn cannot bind; any server that ends by itself has
+    stopped serving. A real process that exits 0 stands in for it."""
+    import analysis.commands as commands
+    from kd.cli import main
+
+    monkeypatch.setattr(commands, "ui_command", lambda *_a, **_k: [sys.executable, "-c", "pass"])
+    rc = main(["ui", "--store", f"sqlite:///{tmp_path}/mlflow.db", "--port", str(_free_port())])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err == ["kd ui: the MLflow server exited on its own (status 0) before it was stopped; its "
+                               "output above says why"], err
+
+
+def test_serve_raises_when_the_server_ends_by_itself_and_returns_0_when_stopped():
+    from kd.serve import ServerExited, serve
+
+    for status in (0, 3):
+        with pytest.raises(ServerExited) as e:
+            serve([sys.executable, "-c", f"raise SystemExit({status})"])
+        assert e.value.status == status
+
+
+def test_kd_ui_and_kd_eval_help_show_their_defaults(capsys):
+    from kd.cli import main
+
+    def help_of(*argv: str) -> str:
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    ui = help_of("ui")
+    assert "must be free (default: 5000)" in ui and "server worker processes (default: 1)" in ui
+    assert "exits with status 2" in ui  # what it does with an http(s) store
+    ev = help_of("eval")
+    assert "(default: all items)" in ev and "(default: none: zero-shot" in ev
+    from analysis.commands import main as analysis_main
+
+    with pytest.raises(SystemExit):
+        analysis_main(["ui", "--help"])
+    assert "(default: 5000)" in capsys.readouterr().out
