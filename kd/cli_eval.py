@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -79,6 +78,13 @@ def _check_args(args: argparse.Namespace) -> None:
         _check_out(args.out)
     if args.include_path and not Path(args.include_path).is_dir():
         raise ConfigError(f"--include-path={args.include_path!r} is not allowed: the directory does not exist")
+    _check_model(args.model)
+    if _needs_hub(args):
+        from kd.hub import offline_unless_reachable
+
+        # Before lm-eval, datasets and transformers look anything up: with no network and no
+        # HF_*_OFFLINE they retry the hub for half a minute, then print a long traceback.
+        offline_unless_reachable()
     if args.harness:
         try:
             import lm_eval  # noqa: F401
@@ -86,6 +92,26 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError("--harness needs lm-evaluation-harness, which is not installed: "
                               "install the eval extra with `pip install -e .[eval]`") from None
         check_harness_data_offline([t.strip() for t in args.harness.split(",") if t.strip()], args.include_path)
+
+
+def _check_model(model: str) -> None:
+    """``--model`` that is clearly a path must be a folder (transformers would call it a
+    malformed repo id); any other name is left to be a local folder or a hub id."""
+    from kd.hub import check_local_folder
+
+    try:
+        check_local_folder(model)
+    except FileNotFoundError:
+        what = "it is a file, not a folder" if Path(model).expanduser().exists() else "no such folder"
+        raise ConfigError(f"--model={model!r} could not be loaded: {what}; give a save_pretrained directory "
+                          "(with its tokenizer) or a hub id such as gpt2") from None
+
+
+def _needs_hub(args: argparse.Namespace) -> bool:
+    """Whether this evaluation may look anything up on the hub: lm-eval tasks, a model or a
+    data set that is not a local path."""
+    local_data = args.task in (None, "world") or Path(args.data).expanduser().exists()
+    return bool(args.harness) or not Path(args.model).expanduser().exists() or not local_data
 
 
 def _check_out(out: str) -> None:
@@ -171,8 +197,9 @@ _LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-               for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    from kd.hub import offline  # HF_*_OFFLINE as set, or as kd.hub set it when the hub is out of reach
+
+    return offline()
 
 
 def _offline_hint(task: str, dataset: str) -> str:

@@ -81,6 +81,9 @@ def load_texts(cfg: DataConfig) -> dict[str, list[str]]:
         builder = _BUILDERS[Path(files["train"][0]).suffix]
         ds = datasets.load_dataset(builder, data_files=files)
     else:
+        from kd.hub import offline_unless_reachable
+
+        offline_unless_reachable()  # no network: fail at once, not after the hub client's retries
         try:
             ds = datasets.load_dataset(cfg.source, cfg.hub_config or None)
         except Exception as e:  # offline, unknown id, gated, bad config name: one line, not a traceback

@@ -11,6 +11,7 @@ leading slice of every weight: whole heads, the first residual and MLP channels)
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,8 +45,11 @@ def load_pretrained(source: str, *, trust_remote_code: bool = False) -> tuple[Pr
     """Load a causal LM and its tokenizer from a hub id or a local directory.
 
     Weights load from safetensors only (``use_safetensors=True``): a pickle checkpoint is
-    refused rather than unpickled.
+    refused rather than unpickled. A path that is not a folder raises FileNotFoundError at
+    once; with the hub out of reach, hub lookups run offline (they fail at once, not after
+    retries).
     """
+    _before_hub(source)
     model = AutoModelForCausalLM.from_pretrained(
         source, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32
     )
@@ -54,12 +58,24 @@ def load_pretrained(source: str, *, trust_remote_code: bool = False) -> tuple[Pr
 
 def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of a hub id or local directory alone, with a pad token."""
+    _before_hub(source)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         # Causal LMs often ship without a pad token; batching needs one and eos is the
         # conventional stand-in (padded positions are masked anyway).
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _before_hub(source: str | Path) -> None:
+    """A clear path that is no folder fails here, in one line; a name that is not a local
+    folder is a hub id, looked up offline when the hub cannot be reached (kd.hub)."""
+    from kd import hub
+
+    source = str(source)  # callers pass the cached teacher's folder as a Path
+    hub.check_local_folder(source)
+    if not Path(source).expanduser().exists():
+        hub.offline_unless_reachable()
 
 
 def _get(obj: Any, dotted: str) -> Any:

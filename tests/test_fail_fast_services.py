@@ -260,3 +260,129 @@ def test_kd_ui_and_kd_eval_help_show_their_defaults(capsys):
     with pytest.raises(SystemExit):
         analysis_main(["ui", "--help"])
     assert "(default: 5000)" in capsys.readouterr().out
+
+
+# ------------------------------------------ the hub out of reach, no HF_*_OFFLINE (items 6, 7)
+
+
+def _no_hub_env(tmp_path: Path) -> dict[str, str]:
+    """No HF_*_OFFLINE, and a hub that cannot be reached: HF_ENDPOINT on a closed port of
+    127.0.0.1 (so that nothing can reach the real hub either, whatever this machine's network),
+    no proxy, and empty hub caches (a data set cached here would let lm-eval run)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY",
+                        "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")}
+    return {**env, "HF_ENDPOINT": f"http://127.0.0.1:{_free_port()}", "HF_HOME": str(tmp_path / "hf"),
+            "KD_CACHE_DIR": str(tmp_path / "cache"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def _run_kd(args: list[str], env: dict[str, str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "kd.cli", *args], capture_output=True, text=True, timeout=180,
+                          cwd=cwd, env=env)
+    return proc, time.monotonic() - t0
+
+
+def test_hub_probe_is_a_real_connect():
+    from kd.hub import reachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert reachable(("127.0.0.1", s.getsockname()[1]), timeout_s=2)
+    assert not reachable(("127.0.0.1", _free_port()), timeout_s=2)
+    assert not reachable(("no-such-host.invalid", 443), timeout_s=2)
+
+
+def test_offline_unless_reachable_sets_the_variables_and_the_imported_clients_flags(tmp_path):
+    code = ("import os, huggingface_hub.constants as c, datasets.config as d, kd.hub as h\n"
+            "assert not c.HF_HUB_OFFLINE and not d.HF_HUB_OFFLINE\n"
+            "assert h.offline_unless_reachable(timeout_s=2)\n"
+            "print(os.environ['HF_HUB_OFFLINE'], os.environ['HF_DATASETS_OFFLINE'], c.HF_HUB_OFFLINE,"
+            " d.HF_HUB_OFFLINE, d.HF_DATASETS_OFFLINE)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=_no_hub_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1", "1", "True", "True", "True"]
+
+
+def test_kd_eval_harness_without_network_or_offline_variables_is_the_offline_line(tmp_path):
+    pytest.importorskip("lm_eval")
+    from factories import make_model, make_tokenizer, save_pretrained_pair
+
+    tok = make_tokenizer()
+    model = save_pretrained_pair(tmp_path / "model", tok, make_model(tok))
+    proc, wall = _run_kd(["eval", "--model", str(model), "--harness", "lambada_openai", "--limit", "5",
+                          "--out", str(tmp_path / "eval.json")], _no_hub_env(tmp_path), tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+    assert errors == [ln for ln in proc.stderr.splitlines() if ln.startswith("kd: error:")], proc.stderr[-3000:]
+    assert len(errors) == 1 and "--harness task 'lambada_openai' cannot run offline" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and wall < 20, (wall, proc.stderr[-3000:])
+    assert not (tmp_path / "eval.json").exists()
+
+
+@pytest.mark.parametrize("override, line", [
+    ("data.source=nonexistent_folder", "kd: error: data.source='nonexistent_folder' is not allowed: it is not an "
+                                       "existing local path and could not be loaded as a hub dataset"),
+    ("teacher.source=nonexistent_teacher", "kd: error: teacher.source='nonexistent_teacher' is not allowed: it is "
+                                           "not an existing local directory and could not be loaded as a hub id"),
+])
+def test_a_missing_local_source_without_network_fails_at_once(tmp_path, tiny_overrides, override, line):
+    out = tmp_path / "out"
+    args = ["distill", *(f"{k}={v}" for k, v in tiny_overrides.items()), override, f"output_dir={out}"]
+    proc, wall = _run_kd(args, _no_hub_env(tmp_path), tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(line), proc.stderr[-3000:]  # no "Retrying in 8s" lines
+    assert wall < 25, (wall, proc.stderr[-3000:])  # imports; the hub's retries alone took 30 s
+    assert not out.exists()
+
+
+# ------------------------------------------------------------ kd eval --model PATH (item 8)
+
+
+@pytest.fixture
+def lambada_file(tmp_path: Path) -> Path:
+    path = tmp_path / "lambada.jsonl"
+    path.write_text('{"text": "the quick brown fox"}\n')
+    return path
+
+
+@pytest.mark.parametrize("model, what", [("{tmp}/nomodel", "no such folder"), ("./nomodel", "no such folder"),
+                                         ("../nomodel", "no such folder"), ("~/kd-no-such-model-dir", "no such folder"),
+                                         ("{tmp}/lambada.jsonl", "it is a file, not a folder")])
+def test_kd_eval_model_path_that_is_no_folder_says_so(tmp_path, lambada_file, capsys, monkeypatch, model, what):
+    from kd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    model = model.format(tmp=tmp_path)
+    rc = main(["eval", "--model", model, "--task", "lambada", "--data", str(lambada_file),
+               "--out", str(tmp_path / "eval.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"kd: error: --model={model!r} could not be loaded: {what}; give a save_pretrained "
+                               "directory (with its tokenizer) or a hub id such as gpt2"], err
+
+
+def test_kd_eval_model_hub_id_is_still_looked_up_on_the_hub(tmp_path, lambada_file, capsys):
+    from kd.cli import main
+
+    rc = main(["eval", "--model", "kd-tests/no-such-model", "--task", "lambada", "--data", str(lambada_file),
+               "--out", str(tmp_path / "eval.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("kd: error: --model='kd-tests/no-such-model' could not be "
+                                                           "loaded: "), err
+    assert "no such folder" not in err[0]
+
+
+def test_a_relative_model_folder_without_dot_slash_still_loads(tmp_path, lambada_file, capsys, monkeypatch):
+    from factories import make_model, make_tokenizer, save_pretrained_pair
+
+    from kd.cli import main
+
+    tok = make_tokenizer()
+    save_pretrained_pair(tmp_path / "student", tok, make_model(tok))
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--model", "student", "--task", "lambada", "--data", str(lambada_file),
+                 "--out", str(tmp_path / "eval.json"), "--device", "cpu"]) == 0
+    assert (tmp_path / "eval.json").is_file()
