@@ -5,7 +5,7 @@ kd_weight mixes the two terms of the distillation loss,
 0 trains the student on the labels alone (the CE-only baseline, tried first), 1 on the
 teacher alone (distillation only). Student shape and temperature stay fixed. TPE searches
 [0, 1]; ASHA stops trials whose accuracy at a rung (scored there; never validation loss,
-which favours kd_weight near 0) is in the worse half.
+which favours kd_weight near 0) is clearly in the worse half (beyond the rung's noise).
 
 Run it here (the embedded default world; trains the teacher on first use):
 

@@ -3,7 +3,7 @@
 The student's shape and the loss weight stay fixed; the temperature T that softens both
 the teacher's and the student's distributions is searched on a log scale over [0.5, 20]
 (Hinton et al. found the useful range to depend on the student's size). TPE proposes
-temperatures, ASHA stops trials whose accuracy at a rung is in the worse half, the
+temperatures, ASHA stops trials whose accuracy at a rung is clearly in the worse half, the
 CE-only reference and the best temperature are re-run with more seeds, and every run is
 an MLflow child run under one parent.
 

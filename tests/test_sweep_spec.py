@@ -41,6 +41,36 @@ def test_pruning_ranks_like_the_objective_and_never_on_val_loss_for_accuracy():
     assert pruning(["acc_mean"], 10, 10) is None, "no evaluation before the last: nothing to prune on"
     sched = acc.scheduler(150)
     assert sched._metric == "rung_acc_mean" and sched._time_attr == "rung_step"
+    assert acc.margin == pytest.approx(0.0612, abs=1e-4) and loss.margin == 0.0
+
+
+def test_asha_stops_only_trials_clearly_below_the_rung():
+    """Rung scores of 100 items per set differ by a few hundredths by chance: plain ASHA
+    stopped trials 0.001-0.006 below its cutoff; a trial is stopped only beyond the margin."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from kd.sweep.search import pruning
+
+    def decide(sched, trial_id: str, score: float, step: int = 50) -> str:
+        trial = SimpleNamespace(trial_id=trial_id)
+        sched.on_trial_add(None, trial)
+        return sched.on_trial_result(None, trial, {"rung_step": step, "rung_acc_mean": score})
+
+    sched = pruning(["acc_mean"], 150, 50).scheduler(150)
+    for i, score in enumerate([0.386, 0.370, 0.379]):  # the demo's first trials at step 50
+        assert decide(sched, f"t{i}", score) == TrialScheduler.CONTINUE
+    assert decide(sched, "close", 0.361) == TrialScheduler.CONTINUE, "within the rung's noise: continues"
+    assert decide(sched, "far", 0.25) == TrialScheduler.STOP, "clearly below: stopped"
+    loss = pruning(["val_loss"], 150, 50).scheduler(150)
+    for i, v in enumerate([1.0, 1.1]):
+        t = SimpleNamespace(trial_id=f"l{i}")
+        loss.on_trial_add(None, t)
+        loss.on_trial_result(None, t, {"rung_step": 50, "rung_val_loss": v})
+    t = SimpleNamespace(trial_id="worse")
+    loss.on_trial_add(None, t)
+    assert loss.on_trial_result(None, t, {"rung_step": 50, "rung_val_loss": 1.2}) == TrialScheduler.STOP
 
 
 def test_trial_adds_rung_keys_only_at_rungs():
