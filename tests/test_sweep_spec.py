@@ -118,12 +118,17 @@ def _e(config, values, role="trial"):
             "std": ({"acc_mean": float(__import__("statistics").stdev(values))} if len(values) > 1 else {})}
 
 
-def test_verdict_says_beats_only_beyond_the_seed_spread():
+def test_verdict_says_beats_only_when_a_welch_test_does():
     ref = _e({"loss.kd_weight": 0.0}, [0.10, 0.11])
     clear = verdict(["acc_mean"], _e({"loss.temperature": 2.0}, [0.20, 0.21]), None, ref)
-    assert "beats the CE-only reference" in clear and "more than the seed spread" in clear
+    assert "beats the CE-only reference" in clear and "Welch's t = 14.14 over 2 and 2 seeds" in clear
     close = verdict(["acc_mean"], _e({"loss.temperature": 2.0}, [0.10, 0.13]), None, ref)
-    assert "does not beat" in close and "within the seed spread" in close
+    assert "does not beat" in close and "is not significant" in close
+    # The loss-weight demo's numbers: the mean difference exceeds both stds (a rule of "more
+    # than the spread" said beats), but with 2 seeds a side it is 1.1 standard errors.
+    demo = verdict(["acc_mean"], _e({"loss.kd_weight": 0.95}, [0.6774, 0.6866]), None,
+                   _e({"loss.kd_weight": 0.0}, [0.6706, 0.6794]))
+    assert "does not beat" in demo and "Welch's t = 1.10" in demo and "needs 2.9" in demo
     one = verdict(["acc_mean"], _e({"loss.temperature": 2.0}, [0.2]), None, _e({}, [0.1]))
     assert "spread is unknown" in one and "beats" not in one
     runner = verdict(["acc_mean"], _e({"loss.temperature": 2.0}, [0.20, 0.21]),
@@ -132,7 +137,7 @@ def test_verdict_says_beats_only_beyond_the_seed_spread():
     # a one-seed runner-up has no spread of its own: the best's (tiny) std does not stand for it
     lone = verdict(["acc_mean"], _e({"loss.temperature": 2.0}, [0.200, 0.201]),
                    _e({"loss.temperature": 4.0}, [0.195]), ref)
-    assert "with no seed spread to tell them apart" in lone and "behind by more than" not in lone
+    assert "with no seed spread to tell them apart" in lone and "significantly behind" not in lone
     half = verdict(["acc_mean"], _e({"loss.temperature": 2.0}, [0.200, 0.201]), None, _e({}, [0.1]))
     assert "spread is unknown" in half and "beats" not in half
     # a size sweep's best is another shape than its reference: the verdict says so
@@ -143,6 +148,18 @@ def test_verdict_says_beats_only_beyond_the_seed_spread():
     same = verdict(["acc_mean"], _e({"student.n_layer": 2, "student.n_embd": 128}, [0.80, 0.81]), None,
                    _e({"loss.kd_weight": 0.0, "student.n_layer": 2, "student.n_embd": 128}, [0.62, 0.66]))
     assert "differ in shape" not in same and "reference (" in same
+
+
+def test_t_quantiles_follow_the_table_between_its_rows():
+    from kd.sweep.results import t95, welch
+
+    assert t95(1) == 6.314 and t95(2) == 2.920 and t95(0.3) == 6.314 and t95(1e12) == pytest.approx(1.645)
+    assert 2.920 < t95(1.99) < 3.0 and 2.353 < t95(2.5) < 2.920  # Welch's df is fractional
+    ref, best = _e({}, [0.10, 0.11, 0.12]), _e({}, [0.13, 0.14, 0.15])
+    w = welch(best, ref, "acc_mean")
+    assert w.t == pytest.approx(0.03 / (0.01 * (2 / 3) ** 0.5)) and w.df == pytest.approx(4.0) and w.significant
+    assert welch(ref, best, "acc_mean", sign=-1).significant  # a loss: lower is better
+    assert welch(best, _e({}, [0.1]), "acc_mean") is None
 
 
 def _t(tid, role, temp, seed, acc, status="FINISHED"):

@@ -142,8 +142,10 @@ def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, re
             front: list[dict] | None = None) -> str:
     """One plain sentence: what the sweep found and how sure it is, from the entries.
 
-    "Beats" only when the mean difference exceeds the seed spread (the larger std of the
-    two); with one seed on either side the spread is unknown and the sentence says so.
+    "Beats" only when a one-sided Welch t-test over the seeds says so at 95%
+    (:func:`welch`): with 2 seeds a side the mean difference must be ~2.9 times its
+    standard error, with 3 ~2.1. One seed on either side leaves the spread unknown, and
+    the sentence says so.
     """
     m = objectives[0] if len(objectives) == 1 else "acc_mean"
     sign = 1 if direction(m) == "max" else -1
@@ -153,47 +155,102 @@ def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, re
             return "No trial finished with every objective, so there is no front to report."
         text = f"The Pareto front has {len(ok)} configuration{'s' if len(ok) != 1 else ''}"
         if reference and m in reference["mean"]:
-            beat = [e for e in ok if _beats(e, reference, m, sign)]
             ref = f"the CE-only reference's {m} ({_pm(reference, m)})"
-            if all(m in e["std"] for e in ok) and m in reference["std"]:
-                text += f"; {len(beat)} of them beat {ref} by more than the seed spread"
-            else:
-                text += (f"; {len(beat)} of them are above {ref} by their mean, but with one seed the spread "
-                         "is unknown, so that is not a verdict")
+            tests = [welch(e, reference, m, sign) for e in ok]
+            beat = sum(1 for t in tests if t is not None and t.significant)
+            above = sum(1 for e in ok if sign * (e["mean"][m] - reference["mean"][m]) > 0)
+            unknown = sum(1 for t in tests if t is None)
+            text += (f"; {beat} of them beat {ref} (one-sided Welch test over seeds, 95%), "
+                     f"{above} are above it by their mean")
+            if unknown:
+                text += f", and {unknown} ran one seed, whose spread is unknown"
         return text + "."
     if best is None or m not in best["mean"]:
         return f"No searched trial finished with {m}, so the sweep found nothing to report."
     text = f"The best configuration ({_name(best['config'])}) reaches {m} {_pm(best, m)}"
     if reference and m in reference["mean"]:
         diff = sign * (best["mean"][m] - reference["mean"][m])
-        spread = _spread(best, reference, m)
+        test = welch(best, reference, m, sign)
         shape = _other_shape(best["config"], reference["config"])
         ref = f"the CE-only reference{' at ' + shape if shape else ''} ({_pm(reference, m)})"
-        if spread is None:
+        if test is None:
             text += (f"; it is {'above' if diff > 0 else 'not above'} {ref} by {_fmt(abs(diff))}, "
                      "but with one seed the spread is unknown, so it is not a verdict")
-        elif diff > spread:
-            text += f" and beats {ref} by {_fmt(diff)}, more than the seed spread ({_fmt(spread)})"
+        elif test.significant:
+            text += f" and beats {ref} by {_fmt(diff)}: {test.text()}"
         else:
-            text += (f" and does not beat {ref}: the difference ({_fmt(diff)}) is within the seed spread "
-                     f"({_fmt(spread)})")
+            text += f" and does not beat {ref}: the difference ({_fmt(diff)}) is not significant, {test.text()}"
         if shape:
             text += "; the two differ in shape, so the gap is not distillation's alone"
     else:
         text += "; no CE-only reference finished to compare with"
     if runner_up and m in runner_up["mean"]:
         gap = sign * (best["mean"][m] - runner_up["mean"][m])
-        spread = _spread(best, runner_up, m)
-        if spread is None:
+        test = welch(best, runner_up, m, sign)
+        if test is None:
             text += (f"; the runner-up ({_name(runner_up['config'])}, {_pm(runner_up, m)}) is "
                      f"{_fmt(abs(gap))} {'behind' if gap >= 0 else 'ahead'}, with no seed spread to tell "
                      "them apart")
-        elif gap > spread:
-            text += f"; the runner-up ({_name(runner_up['config'])}) is behind by more than the spread"
+        elif test.significant:
+            text += f"; the runner-up ({_name(runner_up['config'])}) is significantly behind"
         else:
             text += (f"; the runner-up ({_name(runner_up['config'])}, {_pm(runner_up, m)}) cannot be "
                      "told apart from it")
     return text + "."
+
+
+#: One-sided 95% quantiles of Student's t by degrees of freedom (a standard table; Welch's
+#: fractional df is interpolated linearly in 1/df, the usual way to read such a table; the
+#: project keeps no scipy for one quantile).
+_T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812,
+        12: 1.782, 15: 1.753, 20: 1.725, 30: 1.697, 60: 1.671, 120: 1.658, math.inf: 1.645}
+
+
+def t95(df: float) -> float:
+    """The one-sided 95% quantile of Student's t with ``df`` degrees of freedom (df >= 1)."""
+    df = max(1.0, df)
+    keys = sorted(_T95)
+    hi = next(k for k in keys if k >= df)
+    if hi == df:
+        return _T95[hi]
+    lo = keys[keys.index(hi) - 1]
+    w = (1 / lo - 1 / df) / (1 / lo - (0.0 if math.isinf(hi) else 1 / hi))
+    return _T95[lo] + w * (_T95[hi] - _T95[lo])
+
+
+@dataclass(frozen=True)
+class Welch:
+    """A one-sided Welch t-test of ``a`` above ``b`` (in the objective's direction)."""
+
+    t: float
+    df: float
+    needed: float
+    n_a: int
+    n_b: int
+
+    @property
+    def significant(self) -> bool:
+        return self.t > self.needed
+
+    def text(self) -> str:
+        t = "inf" if math.isinf(self.t) else f"{self.t:.2f}"
+        return (f"Welch's t = {t} over {self.n_a} and {self.n_b} seeds, where a one-sided 95% test needs "
+                f"{self.needed:.2f}")
+
+
+def welch(a: dict, b: dict, m: str, sign: int = 1) -> Welch | None:
+    """Welch's t of ``a``'s mean over ``b``'s (times ``sign``), or None when either ran one
+    seed (its spread is unknown; the other's says nothing about it)."""
+    if m not in a["std"] or m not in b["std"] or a["n_seeds"] < 2 or b["n_seeds"] < 2:
+        return None
+    na, nb = a["n_seeds"], b["n_seeds"]
+    va, vb = a["std"][m] ** 2 / na, b["std"][m] ** 2 / nb
+    diff = sign * (a["mean"][m] - b["mean"][m])
+    se = math.sqrt(va + vb)
+    if se == 0:  # identical seeds on both sides: the difference is all there is
+        return Welch(math.inf if diff > 0 else -math.inf if diff < 0 else 0.0, math.inf, t95(math.inf), na, nb)
+    df = (va + vb) ** 2 / ((va**2 / (na - 1) if va else 0.0) + (vb**2 / (nb - 1) if vb else 0.0))
+    return Welch(diff / se, df, t95(df), na, nb)
 
 
 def _other_shape(config: dict[str, Any], reference: dict[str, Any]) -> str:
@@ -202,20 +259,6 @@ def _other_shape(config: dict[str, Any], reference: dict[str, Any]) -> str:
     if all(config[k] == reference[k] for k in keys):
         return ""
     return ", ".join(f"{k}={reference[k]}" for k in keys)
-
-
-def _spread(a: dict, b: dict, m: str) -> float | None:
-    """The seed spread two entries are judged by: the larger of their stds, or None when
-    either ran with one seed (one seed's spread is unknown, and the other's says nothing
-    about it: a 3-seed best with std 0.001 against a 1-seed runner-up is no comparison)."""
-    if m not in a["std"] or m not in b["std"]:
-        return None
-    return max(a["std"][m], b["std"][m])
-
-
-def _beats(e: dict, ref: dict, m: str, sign: int) -> bool:
-    spread = _spread(e, ref, m) or 0.0
-    return sign * (e["mean"][m] - ref["mean"][m]) > spread
 
 
 def summarize(trials: list[dict[str, Any]], objectives: list[str], teacher: dict[str, float]) -> dict[str, Any]:
