@@ -27,13 +27,11 @@ from torch import Tensor
 #: below it (the world's 16 x 127 x 2,048 = 4.2M) the unchunked fused node is as small and
 #: torch.compile sees one graph.
 AUTO_CHUNK_ELEMENTS = 1 << 26
-#: Elements per chunk when automatic, by device. On a CPU, chunks of ~2M elements (8 MB of
-#: fp32 per temporary) keep a chunk's few temporaries in the last-level cache and reuse the
-#: allocator's blocks: at V = 128,256 that measured faster than the unchunked loss, where
-#: 128 MB chunks were slower (bench/chunked_loss.py). Elsewhere (a GPU) larger chunks
-#: amortise the kernel launches of each chunk.
-AUTO_CHUNK_ROW_ELEMENTS = {"cpu": 1 << 21}
-AUTO_CHUNK_ROW_ELEMENTS_OTHER = 1 << 25
+#: Elements per chunk when automatic: ~32M (128 MB of fp32 per buffer). On 2 CPU threads,
+#: with the chunks' buffers reused, 261-row chunks at V = 128,256 measured faster than the
+#: unchunked loss and 16-row chunks (8 MB, cache-sized) slower: each small op pays its
+#: threads' start-up (bench/chunked_loss.py).
+AUTO_CHUNK_ROW_ELEMENTS = 1 << 25
 
 
 def should_chunk(chunk_tokens: int | None, n: int, vocab: int) -> bool:
@@ -44,10 +42,9 @@ def should_chunk(chunk_tokens: int | None, n: int, vocab: int) -> bool:
     return 0 < chunk_tokens < n
 
 
-def auto_rows(vocab: int, device: torch.device | str = "cpu") -> int:
-    """Rows per chunk when ``chunk_tokens`` is None, for logits of ``vocab`` on ``device``."""
-    per_chunk = AUTO_CHUNK_ROW_ELEMENTS.get(torch.device(device).type, AUTO_CHUNK_ROW_ELEMENTS_OTHER)
-    return max(1, per_chunk // vocab)
+def auto_rows(vocab: int) -> int:
+    """Rows per chunk when ``chunk_tokens`` is None, for logits of ``vocab``."""
+    return max(1, AUTO_CHUNK_ROW_ELEMENTS // vocab)
 
 
 def _slices(n: int, rows: int) -> list[slice]:
@@ -70,6 +67,9 @@ class _Chunked(torch.autograd.Function):
         totals = torch.zeros(3, dtype=torch.float32, device=student.device)
         temperature, kd_weight, divergence = args[:3]
         direct = divergence == "forward_kl" or kd_weight == 0  # loss_rows' fused node: call its math
+        # One pair of fp32 (rows, V) buffers serves every chunk (kd.losses_fused.forward_rows).
+        work = (torch.empty((rows, student.shape[-1]), dtype=torch.float32, device=student.device),
+                torch.empty((rows, student.shape[-1]), dtype=torch.float32, device=student.device)) if direct else None
         for sl in _slices(student.shape[0], rows):
             if direct:
                 # No autograd in the loop: the chunk's softmax goes straight into its rows of
@@ -78,7 +78,7 @@ class _Chunked(torch.autograd.Function):
                 q_out = grad[sl] if want_grad and grad.dtype == torch.float32 else None
                 *parts, saved = forward_rows(student[sl].detach(), labels[sl], _part(teacher, sl), _part(idx, sl),
                                              _part(val, sl), temperature, kd_weight, _part(tail, sl), count,
-                                             _part(target, sl), q_out=q_out)
+                                             _part(target, sl), q_out=q_out, work=work)
                 if want_grad:
                     g = backward_rows(saved, temperature, kd_weight, 1.0, 0.0, 0.0)
                     if q_out is None:
@@ -130,6 +130,6 @@ def chunked_loss(student: Tensor, labels: Tensor, teacher: Tensor | None, idx: T
     """:func:`kd.losses.loss_rows` over (N, V) rows, ``chunk_tokens`` rows at a time."""
     from kd.losses import LossParts
 
-    rows = chunk_tokens or auto_rows(student.shape[-1], student.device)
+    rows = chunk_tokens or auto_rows(student.shape[-1])
     return LossParts(*_Chunked.apply(student, labels, teacher, idx, val, tail, args, rows,
                                      target))

@@ -67,11 +67,30 @@ def test_chunked_low_precision_and_no_grad():
     torch.testing.assert_close(got, ref.loss.detach())
 
 
-def test_auto_chunk_rows_by_device():
-    from kd.losses_chunked import auto_rows
+def test_auto_chunk_rows():
+    from kd.losses_chunked import AUTO_CHUNK_ROW_ELEMENTS, auto_rows
 
-    assert auto_rows(128_256) * 128_256 <= 1 << 21  # CPU: a chunk's temporaries stay cache-sized
-    assert auto_rows(128_256, "cuda") * 128_256 > 1 << 24 and auto_rows(10**9) == 1
+    assert auto_rows(128_256) == AUTO_CHUNK_ROW_ELEMENTS // 128_256 == 261 and auto_rows(10**9) == 1
+
+
+def test_chunks_reuse_one_pair_of_buffers(monkeypatch):
+    """Every chunk of forward KL writes its log-softmaxes into the same two buffers (fresh
+    (rows, V) buffers per chunk cost page faults on a CPU): the same storage each call."""
+    import kd.losses_fused as fused
+
+    seen, real = [], fused.forward_rows
+
+    def spy(*a, **kw):
+        if kw.get("work") is not None:  # a chunk (the unchunked node passes none)
+            seen.append(tuple(w.data_ptr() for w in kw["work"]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(fused, "forward_rows", spy)
+    student, teacher, labels = _inputs(seed=24)
+    parts, grad = _run(student, labels, _targets("compact", teacher), "forward_kl", 3, 0.5)
+    assert len(seen) == 4 and len(set(seen)) == 1, seen
+    ref, ref_grad = _run(student, labels, _targets("compact", teacher), "forward_kl", 0, 0.5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-8)
 
 
 def test_auto_chunking_threshold_and_bad_value():
