@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("world", help="generate the embedded world (corpus, eval sets, tokenizer) and print its path")
     p.add_argument("--size", default="default", choices=WORLD_SIZES, help="tiny (tests), small, or default (the main job)")
-    p.add_argument("--seed", type=int, default=0, help="the world's random seed")
+    p.add_argument("--seed", type=int, default=0, help="the world's random seed (default: %(default)s)")
     p.set_defaults(func=_cmd_world)
 
     p = sub.add_parser("teacher", help="train (or find cached) the teacher for a config and print its path")
