@@ -282,6 +282,9 @@ def test_ctrl_c_while_ray_starts_is_one_line_and_strands_nothing(tmp_path, cache
     assert proc.returncode == 130, (stdout + stderr)[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert not out.exists() or (out / "sweep.json").is_file(), sorted(p.name for p in out.iterdir())
-    if not out.exists():
+    if out.exists():  # interrupted after it started: the parent is closed, and --resume finishes it
+        meta, _ = _runs(out)
+        assert meta["parent"].info.status == "KILLED"
+    else:
         assert stderr.strip().splitlines()[-1].endswith("interrupted before the sweep started: rerun the command "
                                                         "to start it"), stderr[-2000:]

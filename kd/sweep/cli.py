@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,31 @@ def _output_dir(name: str, given: str | None, resume: bool) -> Path:
     while out.exists():  # two starts in one second
         out, n = root / f"{stamp}-{n}", n + 1
     return out
+
+
+def _watch_ctrl_c() -> threading.Event:
+    """SIGINT raises KeyboardInterrupt as usual and also sets the returned flag, which the
+    driver checks before Tune starts: Python drops a KeyboardInterrupt raised inside a
+    callback it cannot raise from (measured: in logging's fork hook while Ray started), and
+    the sweep then ran to its end as if nothing had been pressed."""
+    flag = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        flag.set()
+        signal.default_int_handler(signum, frame)
+
+    previous_hook = sys.unraisablehook
+
+    def on_unraisable(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and flag.is_set():
+            return  # not lost: the flag holds it (else Python prints it as a traceback)
+        previous_hook(unraisable)
+
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_sigint)
+        sys.unraisablehook = on_unraisable
+    return flag
 
 
 def _remove_if_empty(path: Path) -> None:
@@ -161,12 +188,13 @@ def main(spec: SweepSpec, argv: list[str] | None = None) -> int:
             early_stop, references = not args.no_early_stop, not args.no_reference
     except ConfigError as e:
         _fail(p.prog, str(e))
+    ctrl_c = _watch_ctrl_c()
     options = SweepOptions(
         output_dir=output_dir, preset=preset, budget=budget, overrides=extra if not args.resume else state["overrides"],
         num_workers=num_workers, use_gpu=True if args.gpu else None,
         address=args.address or os.environ.get("RAY_ADDRESS"), resume=args.resume, early_stop=early_stop,
         max_concurrent=args.max_concurrent, max_failures=args.max_failures, experiment=args.experiment,
-        seed=seed, repeats=repeats, references=references,
+        seed=seed, repeats=repeats, references=references, interrupted=ctrl_c.is_set,
     )
 
     existed = output_dir.exists()

@@ -265,6 +265,8 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
                           num_samples=options.budget)
 
         state[f"n_{spec.name}"] = options.budget
+        if options.interrupted is not None and options.interrupted():
+            raise KeyboardInterrupt("before the search started")  # a Ctrl-C that Python lost
         grid, complete = fit(spec.name, search_tuner)
         results.trials = finalists.collect(grid, tracker, parent_id, role="trial")
         if not complete:
@@ -283,6 +285,8 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
             state.update(variants=variants, phase="finalists", **{f"n_{name2}": len(variants)})
             dump_json(state_file, state)
         if variants:
+            if options.interrupted is not None and options.interrupted():
+                raise KeyboardInterrupt("before the finalists started")
             grid2, complete = fit(name2, lambda: _tuner(
                 trainable, name2, storage, callback, concurrency, reuse,
                 param_space={META: meta, finalists.VARIANT: tune.grid_search(variants)}, num_samples=1))
@@ -290,9 +294,12 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
             if not complete:
                 return _interrupted(results, tracker, started)
     except BaseException as e:
-        if tracker is not None and parent_id is not None and not isinstance(e, KeyboardInterrupt):
-            tracker.client.set_tag(parent_id, "kd.error", f"{type(e).__name__}: {e}"[:5000])
-            tracker.end_sweep(parent_id, "FAILED")
+        if tracker is not None and parent_id is not None:
+            if isinstance(e, KeyboardInterrupt):  # as after Tune's own Ctrl-C: resumable
+                tracker.end_sweep(parent_id, "KILLED")
+            else:
+                tracker.client.set_tag(parent_id, "kd.error", f"{type(e).__name__}: {e}"[:5000])
+                tracker.end_sweep(parent_id, "FAILED")
         raise
     finally:
         if not options.address:

@@ -260,6 +260,10 @@ class SweepOptions:
     """Build the world and the teacher before the trials start."""
     force_train: bool = False
     """Run one-worker trials as a ``TorchTrainer`` too (bench/sweep_overhead.py measures it)."""
+    interrupted: Callable[[], bool] | None = None
+    """Whether Ctrl-C came (the command line's flag): checked before Tune starts, since a
+    KeyboardInterrupt raised where Python cannot raise it (a fork hook of Ray's start-up)
+    is printed as "Exception ignored" and lost."""
 
 
 def fixed_overrides(spec: SweepSpec, preset: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
