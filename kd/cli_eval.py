@@ -23,6 +23,7 @@ from typing import Any
 
 from kd.cache import sha256_file
 from kd.config import ConfigError
+from kd.hub import offline as hub_offline  # HF_*_OFFLINE as set, or as kd.hub set it
 
 TASKS = ("world", "lambada", "hellaswag", "storycloze", "nq_open", "webquestions", "triviaqa")
 
@@ -97,14 +98,12 @@ def _check_args(args: argparse.Namespace) -> None:
 def _check_model(model: str) -> None:
     """``--model`` that is clearly a path must be a folder (transformers would call it a
     malformed repo id); any other name is left to be a local folder or a hub id."""
-    from kd.hub import check_local_folder
+    from kd.hub import not_a_folder
 
-    try:
-        check_local_folder(model)
-    except FileNotFoundError:
-        what = "it is a file, not a folder" if Path(model).expanduser().exists() else "no such folder"
-        raise ConfigError(f"--model={model!r} could not be loaded: {what}; give a save_pretrained directory "
-                          "(with its tokenizer) or a hub id such as gpt2") from None
+    why = not_a_folder(model)
+    if why is not None:
+        raise ConfigError(f"--model={model!r} could not be loaded: {why}; give a save_pretrained directory "
+                          "(with its tokenizer) or a hub id such as gpt2")
 
 
 def _needs_hub(args: argparse.Namespace) -> bool:
@@ -196,12 +195,6 @@ def _world_with_records(model: Any, tokenizer: Any, data: str, limit: int | None
 _LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
 
 
-def _offline() -> bool:
-    from kd.hub import offline  # HF_*_OFFLINE as set, or as kd.hub set it when the hub is out of reach
-
-    return offline()
-
-
 def _offline_hint(task: str, dataset: str) -> str:
     return (f"--harness task {task!r} cannot run offline: its data ({dataset}) is not in the local datasets cache; "
             "run it once with a network, or copy its task YAML into a directory with `dataset_path: json` and "
@@ -212,7 +205,7 @@ def check_harness_data_offline(names: list[str], include_path: str | None = None
     """Offline, refuse at once a task whose hub data set is not cached (before lm-eval indexes
     its ~15k tasks, which takes 20-45 s). A task whose YAML is not found, or whose data is
     local files, is left to lm-eval."""
-    if not _offline():
+    if not hub_offline():
         return
     import datasets
     import lm_eval
@@ -269,7 +262,7 @@ def run_harness(model: Any, tokenizer: Any, tasks: str, *, limit: int | None = N
     try:
         out = simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager, bootstrap_iters=0)
     except Exception as e:  # offline, a task's data missing: one line rather than lm-eval's traceback
-        if not _offline():
+        if not hub_offline():
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"--harness {tasks!r} failed offline ({first}); a task's data may not be available "

@@ -109,15 +109,22 @@ def is_path_like(source: str) -> bool:
     return source in (".", "..") or source.startswith(("/", "~", "./", "../"))
 
 
-def check_local_folder(source: str) -> None:
-    """Raise :class:`FileNotFoundError` (one line) when ``source`` is clearly a path and not a
-    folder: the hub clients would call it a malformed repo id, or retry the hub for it."""
+def not_a_folder(source: str) -> str | None:
+    """Why ``source``, clearly meant as a path, is no folder ("no such folder", "it is a
+    file, not a folder"), or None (a folder, or a name that may be a hub id)."""
     import os.path
 
     if not is_path_like(source):
-        return
+        return None
     path = os.path.expanduser(source)
     if os.path.isdir(path):
-        return
-    what = "it is a file, not a folder" if os.path.exists(path) else "no such folder"
-    raise FileNotFoundError(f"{source}: {what} (give a save_pretrained directory, or a hub id such as gpt2)")
+        return None
+    return "it is a file, not a folder" if os.path.exists(path) else "no such folder"
+
+
+def check_local_folder(source: str) -> None:
+    """Raise :class:`FileNotFoundError` (one line) when ``source`` is clearly a path and not a
+    folder: the hub clients would call it a malformed repo id, or retry the hub for it."""
+    why = not_a_folder(source)
+    if why is not None:
+        raise FileNotFoundError(f"{source}: {why} (give a save_pretrained directory, or a hub id such as gpt2)")

@@ -2,8 +2,9 @@
 
 :func:`kd.config.validate` checks values alone; what passes it can still fail an hour
 later (``train.device=cuda`` on a machine without CUDA, an ``output_dir`` that is a file, a
-read-only cache directory, a batch larger than the data). These checks find that first, write nothing outside the
-cache (the world and the packed blocks they load are cached for the run anyway), and
+read-only cache directory, a batch larger than the data). These checks find that first,
+write nothing outside the cache (the world and the packed blocks they load are cached for
+the run anyway), and
 raise :class:`~kd.config.ConfigError` with one line that names key, value and what to do.
 """
 

@@ -41,7 +41,7 @@ def test_pruning_ranks_like_the_objective_and_never_on_val_loss_for_accuracy():
     assert pruning(["acc_mean"], 10, 10) is None, "no evaluation before the last: nothing to prune on"
     sched = acc.scheduler(150)
     assert sched._metric == "rung_acc_mean" and sched._time_attr == "rung_step"
-    assert acc.margin == pytest.approx(0.0612, abs=1e-4) and loss.margin == 0.0
+    assert acc.margin == pytest.approx(0.0612, abs=1e-4) and loss.margin == 0.0  # val_loss: plain ASHA
 
 
 def test_asha_stops_only_trials_clearly_below_the_rung():

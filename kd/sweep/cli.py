@@ -10,12 +10,15 @@ flag that contradicts them is refused. Nothing here imports Ray at module level.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +80,13 @@ def _output_dir(name: str, given: str | None, resume: bool) -> Path:
     return out
 
 
-def _watch_ctrl_c() -> threading.Event:
-    """SIGINT raises KeyboardInterrupt as usual and also sets the returned flag, which the
-    driver checks before Tune starts: Python drops a KeyboardInterrupt raised inside a
-    callback it cannot raise from (measured: in logging's fork hook while Ray started), and
-    the sweep then ran to its end as if nothing had been pressed."""
+@contextlib.contextmanager
+def _watch_ctrl_c() -> Iterator[threading.Event]:
+    """Within the block, SIGINT raises KeyboardInterrupt as usual and also sets the yielded
+    flag, which the driver checks before each Tune phase: Python drops a KeyboardInterrupt
+    raised inside a callback it cannot raise from (measured: in logging's fork hook while
+    Ray started), and the sweep then ran to its end as if nothing had been pressed. The
+    handler and ``sys.unraisablehook`` are restored when the block ends."""
     flag = threading.Event()
 
     def on_sigint(signum: int, frame: Any) -> None:
@@ -95,11 +100,17 @@ def _watch_ctrl_c() -> threading.Event:
             return  # not lost: the flag holds it (else Python prints it as a traceback)
         previous_hook(unraisable)
 
-    if threading.current_thread() is threading.main_thread() \
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, on_sigint)
-        sys.unraisablehook = on_unraisable
-    return flag
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield flag  # someone else owns SIGINT (a host program): leave it to them
+        return
+    signal.signal(signal.SIGINT, on_sigint)
+    sys.unraisablehook = on_unraisable
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = previous_hook
 
 
 def _remove_if_empty(path: Path) -> None:
@@ -188,13 +199,12 @@ def main(spec: SweepSpec, argv: list[str] | None = None) -> int:
             early_stop, references = not args.no_early_stop, not args.no_reference
     except ConfigError as e:
         _fail(p.prog, str(e))
-    ctrl_c = _watch_ctrl_c()
     options = SweepOptions(
         output_dir=output_dir, preset=preset, budget=budget, overrides=extra if not args.resume else state["overrides"],
         num_workers=num_workers, use_gpu=True if args.gpu else None,
         address=args.address or os.environ.get("RAY_ADDRESS"), resume=args.resume, early_stop=early_stop,
         max_concurrent=args.max_concurrent, max_failures=args.max_failures, experiment=args.experiment,
-        seed=seed, repeats=repeats, references=references, interrupted=ctrl_c.is_set,
+        seed=seed, repeats=repeats, references=references,
     )
 
     existed = output_dir.exists()
@@ -202,7 +212,8 @@ def main(spec: SweepSpec, argv: list[str] | None = None) -> int:
         preflight(bool(options.use_gpu), options.address)  # a dead service fails before Ray is imported
         from kd.sweep.driver import run_sweep  # imports Ray: only after every check passed
 
-        results = run_sweep(run_spec, base, options)
+        with _watch_ctrl_c() as ctrl_c:
+            results = run_sweep(run_spec, base, dataclasses.replace(options, interrupted=ctrl_c.is_set))
     except ConfigError as e:  # a value the data refuses (kd.preflight), found before Ray starts
         _fail(p.prog, str(e))
     except SweepError as e:

@@ -265,8 +265,7 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
                           num_samples=options.budget)
 
         state[f"n_{spec.name}"] = options.budget
-        if options.interrupted is not None and options.interrupted():
-            raise KeyboardInterrupt("before the search started")  # a Ctrl-C that Python lost
+        _stop_if_interrupted(options, "the search")
         grid, complete = fit(spec.name, search_tuner)
         results.trials = finalists.collect(grid, tracker, parent_id, role="trial")
         if not complete:
@@ -285,8 +284,7 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
             state.update(variants=variants, phase="finalists", **{f"n_{name2}": len(variants)})
             dump_json(state_file, state)
         if variants:
-            if options.interrupted is not None and options.interrupted():
-                raise KeyboardInterrupt("before the finalists started")
+            _stop_if_interrupted(options, "the finalists")
             grid2, complete = fit(name2, lambda: _tuner(
                 trainable, name2, storage, callback, concurrency, reuse,
                 param_space={META: meta, finalists.VARIANT: tune.grid_search(variants)}, num_samples=1))
@@ -321,6 +319,12 @@ def run_sweep(spec: SweepSpec, base: KDConfig, options: SweepOptions) -> SweepRe
     tracker.end_sweep(parent_id, "FINISHED")
     _write_results(results)
     return results
+
+
+def _stop_if_interrupted(options: SweepOptions, phase: str) -> None:
+    """Raise the Ctrl-C that Python lost (``options.interrupted``) before ``phase`` starts."""
+    if options.interrupted is not None and options.interrupted():
+        raise KeyboardInterrupt(f"before {phase} started")
 
 
 def _interrupted(results: SweepResults, tracker, started: float) -> SweepResults:

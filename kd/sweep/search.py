@@ -165,7 +165,6 @@ class NoiseAwareASHA(ASHAScheduler):
         super().__init__(metric=metric, mode=mode, time_attr=time_attr, max_t=max_t, grace_period=grace_period,
                          reduction_factor=reduction_factor)
         self._brackets = [_MarginBracket(margin, grace_period, max_t, reduction_factor, 0)]
-        self.margin = margin
 
 
 def rung_margin(metric: str, items: int) -> float:
@@ -196,7 +195,7 @@ class Pruning:
     margin: float = 0.0
 
     def meta(self) -> dict[str, Any]:
-        return {"metric": self.metric, "steps": list(self.steps), "tasks": self.tasks, "margin": self.margin}
+        return {"metric": self.metric, "steps": list(self.steps), "tasks": self.tasks}
 
     def scheduler(self, max_t: int) -> ASHAScheduler:
         # Milestones grace * 2^k; the trial reports rung_step only at the rung steps, so a
@@ -240,4 +239,4 @@ def pruning(objectives: list[str], steps: int, eval_every: int) -> Pruning | Non
         return None
     from kd.run import RUNG_ITEMS
 
-    return Pruning(metric, direction(metric), rungs, tasks, rung_margin(metric, RUNG_ITEMS) if tasks else 0.0)
+    return Pruning(metric, direction(metric), rungs, tasks, rung_margin(metric, RUNG_ITEMS))
