@@ -74,12 +74,12 @@ def _health_server(status: int, body: bytes) -> tuple[http.server.HTTPServer, st
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def _sweep(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--preset", "smoke",
+def _sweep(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    # The timeouts here only guard against a hang (a refusal takes seconds; what these tests
+    # replaced hung, or retried for 30 s and more, printing lines they assert are absent).
+    return subprocess.run([sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--preset", "smoke",
                            "--output-dir", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "KD_CACHE_DIR": str(tmp_path / "cache"), **env})
-    return proc, time.monotonic() - t0
 
 
 # ------------------------------------------------------- probe_tracking (items 2 and 3)
@@ -135,23 +135,21 @@ def test_stores_mlflow_opens_without_a_server_pass_without_a_probe(uri):
 
 
 def test_sweep_on_a_non_mlflow_http_server_fails_in_one_line_before_ray(tmp_path, plain_http):
-    proc, wall = _sweep(tmp_path, {"MLFLOW_TRACKING_URI": plain_http})
+    proc = _sweep(tmp_path, {"MLFLOW_TRACKING_URI": plain_http})
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
         f"sweeps/temperature.py: error: MLFLOW_TRACKING_URI={plain_http} answers but is not an MLflow server "
         "(GET /health gave HTTP 404, MLflow's gives 'OK'): set it to the tracking server's URL, or unset "
         "MLFLOW_TRACKING_URI to log to a local mlflow.db"], proc.stderr[-2000:]
-    assert wall < 15
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
 def test_sweep_with_an_unknown_scheme_fails_in_one_line_before_ray(tmp_path):
-    proc, wall = _sweep(tmp_path, {"MLFLOW_TRACKING_URI": "garbage://x"})
+    proc = _sweep(tmp_path, {"MLFLOW_TRACKING_URI": "garbage://x"})
     assert proc.returncode == 1, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "MLFLOW_TRACKING_URI=garbage://x is not allowed: MLflow has no tracking store " \
         "for the scheme 'garbage'; use a URI of scheme " in lines[0], proc.stderr[-2000:]
-    assert wall < 15
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
@@ -159,30 +157,28 @@ def test_sweep_with_an_unknown_scheme_fails_in_one_line_before_ray(tmp_path):
 
 
 def _kd(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-        timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "kd.cli", *args], capture_output=True, text=True, timeout=timeout,
+        timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kd.cli", *args], capture_output=True, text=True, timeout=timeout,
                           cwd=cwd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})})
-    return proc, time.monotonic() - t0
 
 
 def test_kd_report_with_the_tracking_server_down_fails_in_one_line(tmp_path):
     url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
-    proc, wall = _kd("report", "temperature", "--out", str(tmp_path / "r"), env={"MLFLOW_TRACKING_URI": url})
+    proc = _kd("report", "temperature", "--out", str(tmp_path / "r"), env={"MLFLOW_TRACKING_URI": url})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
         f"kd report: MLFLOW_TRACKING_URI={url} does not answer ([Errno 111] Connection refused): start the "
         "tracking server, or pass --tracking-uri with a sweep's output dir or mlflow.db"], proc.stderr[-2000:]
-    assert wall < 15 and proc.stdout == ""
+    assert proc.stdout == ""
     assert not (tmp_path / "r").exists()
 
 
 def test_kd_report_refuses_a_non_mlflow_server_and_an_unknown_scheme_by_flag_name(tmp_path, plain_http):
-    proc, wall = _kd("report", "temperature", "--tracking-uri", plain_http, "--out", str(tmp_path / "r"))
-    assert proc.returncode == 2 and wall < 15, proc.stderr[-2000:]
+    proc = _kd("report", "temperature", "--tracking-uri", plain_http, "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"kd report: --tracking-uri={plain_http} answers but is not an MLflow server"), line
-    proc, _ = _kd("report", "temperature", "--tracking-uri", "garbage://x", "--out", str(tmp_path / "r"))
+    proc = _kd("report", "temperature", "--tracking-uri", "garbage://x", "--out", str(tmp_path / "r"))
     (line,) = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "--tracking-uri=garbage://x is not allowed: MLflow has no tracking store" in line
     assert not (tmp_path / "r").exists()
@@ -193,15 +189,15 @@ def test_kd_report_refuses_a_non_mlflow_server_and_an_unknown_scheme_by_flag_nam
 
 def test_kd_ui_on_a_tracking_server_says_open_it_and_starts_nothing(tmp_path):
     port = _free_port()
-    proc, wall = _kd("ui", "--port", str(_free_port()),
+    proc = _kd("ui", "--port", str(_free_port()),
                      env={"MLFLOW_TRACKING_URI": f"http://alice:s3cret@127.0.0.1:{port}"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
         f"kd ui: MLFLOW_TRACKING_URI=http://127.0.0.1:{port} is already an MLflow server, which serves its own "
         f"UI: open http://127.0.0.1:{port} in a browser (kd ui serves a local store: give --store with a "
         "sweep's output dir)"], proc.stderr
-    assert proc.stdout == "" and wall < 15  # no URL of a server that never starts
-    proc, _ = _kd("ui", "--store", "https://mlflow.example.com/")
+    assert proc.stdout == ""  # no URL of a server that never starts
+    proc = _kd("ui", "--store", "https://mlflow.example.com/")
     assert proc.returncode == 2 and "--store=https://mlflow.example.com/ is already an MLflow server" in proc.stderr
 
 
@@ -210,12 +206,12 @@ def test_kd_ui_on_a_port_in_use_fails_in_one_line_before_starting_a_server(tmp_p
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        proc, wall = _kd("ui", "--store", f"sqlite:///{tmp_path}/mlflow.db", "--port", str(port))
+        proc = _kd("ui", "--store", f"sqlite:///{tmp_path}/mlflow.db", "--port", str(port))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
         f"kd ui: --port={port} is not allowed: 127.0.0.1:{port} cannot be listened on ([Errno 98] Address already "
         "in use); pick a free port with --port, or stop what holds it"], proc.stderr[-2000:]
-    assert proc.stdout == "" and wall < 10
+    assert proc.stdout == ""
     assert not (tmp_path / "mlflow.db").exists(), "no server started (it would have created the store)"
 
 
@@ -276,11 +272,9 @@ def _no_hub_env(tmp_path: Path) -> dict[str, str]:
             "KD_CACHE_DIR": str(tmp_path / "cache"), "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
-def _run_kd(args: list[str], env: dict[str, str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "kd.cli", *args], capture_output=True, text=True, timeout=180,
+def _run_kd(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kd.cli", *args], capture_output=True, text=True, timeout=180,
                           cwd=cwd, env=env)
-    return proc, time.monotonic() - t0
 
 
 def test_hub_probe_is_a_real_connect():
@@ -312,13 +306,13 @@ def test_kd_eval_harness_without_network_or_offline_variables_is_the_offline_lin
 
     tok = make_tokenizer()
     model = save_pretrained_pair(tmp_path / "model", tok, make_model(tok))
-    proc, wall = _run_kd(["eval", "--model", str(model), "--harness", "lambada_openai", "--limit", "5",
+    proc = _run_kd(["eval", "--model", str(model), "--harness", "lambada_openai", "--limit", "5",
                           "--out", str(tmp_path / "eval.json")], _no_hub_env(tmp_path), tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
     assert errors == [ln for ln in proc.stderr.splitlines() if ln.startswith("kd: error:")], proc.stderr[-3000:]
     assert len(errors) == 1 and "--harness task 'lambada_openai' cannot run offline" in errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr and wall < 20, (wall, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "eval.json").exists()
 
 
@@ -331,11 +325,10 @@ def test_kd_eval_harness_without_network_or_offline_variables_is_the_offline_lin
 def test_a_missing_local_source_without_network_fails_at_once(tmp_path, tiny_overrides, override, line):
     out = tmp_path / "out"
     args = ["distill", *(f"{k}={v}" for k, v in tiny_overrides.items()), override, f"output_dir={out}"]
-    proc, wall = _run_kd(args, _no_hub_env(tmp_path), tmp_path)
+    proc = _run_kd(args, _no_hub_env(tmp_path), tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(line), proc.stderr[-3000:]  # no "Retrying in 8s" lines
-    assert wall < 25, (wall, proc.stderr[-3000:])  # imports; the hub's retries alone took 30 s
     assert not out.exists()
 
 
