@@ -129,7 +129,6 @@ def _best_rows(df, objectives: list[str], shown: list[str], teacher_acc: float |
     from analysis import finished, run_label
 
     runs = finished(df)
-    keys = [k for k in knobs if k != "train.seed" and k in runs.columns]
     rows = []
     for name in objectives:
         col = runs[name].dropna() if name in runs.columns else []
@@ -137,16 +136,23 @@ def _best_rows(df, objectives: list[str], shown: list[str], teacher_acc: float |
             continue
         idx = col.idxmax() if direction(name) == "max" else col.idxmin()
         r = runs.loc[idx]
-        same = runs
-        for k in keys:
-            same = same[same[k].isna()] if r.isna()[k] else same[same[k] == r[k]]
-        seeds = same[name].dropna()
-        across = (f"{fmt(seeds.mean(), name)} ± {fmt(seeds.std(), name)} ({len(seeds)} seeds)" if len(seeds) > 1
-                  else "1 seed: spread unknown")
-        rows.append([name, direction(name), fmt(r[name], name), across, r["trial_id"], r["run_id"],
-                     run_label(r)] + [fmt(r[c], c) for c in shown]
+        rows.append([name, direction(name), fmt(r[name], name), _across_seeds(runs, r, name, knobs), r["trial_id"],
+                     r["run_id"], run_label(r)] + [fmt(r[c], c) for c in shown]
                     + ([fmt(_retention(r, teacher_acc))] if teacher_acc else []))
     return rows
+
+
+def _across_seeds(runs, r, name: str, knobs: list[str]) -> str:
+    """``name`` over the finished runs of ``r``'s configuration (every knob but the seed):
+    one run is its configuration's luckiest or unluckiest draw; the seeds' mean and spread
+    are what to compare."""
+    same = runs
+    for k in (k for k in knobs if k != "train.seed" and k in runs.columns):
+        same = same[same[k].isna()] if r.isna()[k] else same[same[k] == r[k]]
+    seeds = same[name].dropna() if name in same.columns else []
+    if len(seeds) < 2:
+        return "1 seed: spread unknown"
+    return f"{fmt(seeds.mean(), name)} ± {fmt(seeds.std(), name)} ({len(seeds)} seeds)"
 
 
 def write_report(tracking_uri: str, experiment: str, out_dir: str | os.PathLike,
@@ -233,9 +239,10 @@ def write_report(tracking_uri: str, experiment: str, out_dir: str | os.PathLike,
                        f"{k['trial_id']} ({run_label(k)})."))
         cols = [*front_objs, *[c for c in ("size_mb", "acc_mean") if c in df.columns
                                and c not in front_objs], *knobs]
-        b.append(("table", ["trial", "run_id", *cols, "knee"],
+        seed_obj = "acc_mean" if "acc_mean" in cols else front_objs[0]
+        b.append(("table", ["trial", "run_id", *cols, f"{seed_obj}, its configuration's seeds", "knee"],
                   [[r["trial_id"], r["run_id"], *[fmt(r[c], c) for c in cols],
-                    "yes" if r["run_id"] == k["run_id"] else ""]
+                    _across_seeds(runs, r, seed_obj, knobs), "yes" if r["run_id"] == k["run_id"] else ""]
                    for _, r in front.iterrows()]))
 
     for param in ("loss.temperature", "loss.kd_weight"):

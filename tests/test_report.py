@@ -130,6 +130,9 @@ def test_pareto_table_and_teacher_are_mlflows(report, store):
             assert same(row[k], data.metrics[k]), k
         assert row["student.n_layer"] == data.params["student.n_layer"]
         assert float(row["loss.temperature"]) == float(data.params["loss.temperature"])
+        # one run of the front is one draw: the row gives its configuration over its seeds too
+        cell = row["acc_mean, its configuration's seeds"]
+        assert cell == "1 seed: spread unknown" or re.fullmatch(r"\S+ ± \S+ \(\d+ seeds\)", cell), cell
     # no finished run outside the table dominates one inside it
     ids = {r["run_id"] for r in front}
     others = [r for r in client.search_runs([store.experiment_id],
