@@ -10,7 +10,11 @@ Methods, each against the dense teacher (all V logits, fp16 as a dense cache hol
                interpolation.
 - ``sampled``  compact + S ids drawn from the teacher's tail at a proposal temperature,
                with their logits (RS-KD; :func:`kd.compact.sample_tail`): the tail's shape
-               by importance weights (+ S ids and S fp16 per token).
+               by importance weights (+ S ids and S fp16 per token), the gradient with the
+               loss's control variate (:mod:`kd.losses_fused`), as training uses it;
+- ``sampled_plain`` (``--plain``) the same samples and value without the control variate:
+               the gradient of the importance-weighted estimate itself (RS-KD as published),
+               by autograd through its formula, to show what the control variate buys.
 
 ``grad_cos`` is the cosine between the gradient of the kd loss (kd_weight = 1, T^2 * D)
 wrt the PARAMETERS of a small real student from the method and from dense: a 2-layer
@@ -41,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kd.compact import compress, sample_tail, temperature_grid
+from kd.compact import compress, interpolate, sample_tail, sampled_targets, temperature_grid
 from kd.losses import DIVERGENCES, distillation_loss
 
 QUICK = dict(vocabs="32000", temperatures="1,2,4,8", ks="64", tokens=2048, grid_points=5, samples=64, draws=2)
@@ -151,13 +155,23 @@ def bytes_per_token(method: str, vocab: int, k: int, grid: int, samples: int = 0
     ids = 2 if vocab <= 32768 else 4  # int16 ids while they fit (kd.soft_labels)
     compact = k * (2 + ids) + 8 * grid
     return {"dense": 2 * vocab, "topk": k * (2 + ids), "compact": compact,
-            "sampled": compact + samples * (2 + ids)}[method]
+            "sampled": compact + samples * (2 + ids), "sampled_plain": compact + samples * (2 + ids)}[method]
+
+
+def plain_sampled_kd(s: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, lse: torch.Tensor, slope: torch.Tensor,
+                     betas: tuple[float, ...], sid: torch.Tensor, sval: torch.Tensor, t: float, proposal: float
+                     ) -> torch.Tensor:
+    """T^2 * the importance-weighted KL estimate on head + sampled slots (every row counts),
+    whose autograd gradient is the plain RS-KD one: no control variate."""
+    p, log_p, _ = sampled_targets(values, interpolate(lse, slope, betas, 1.0 / t), sval, t, proposal)
+    log_q = F.log_softmax(s.float() / t, -1).gather(-1, torch.cat([idx, sid], -1))
+    return t * t * torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1).mean()
 
 
 def measure(teacher: torch.Tensor, temperatures: list[float], ks: list[int], divergences: list[str],
             grid_points: int, t_range: tuple[float, float], seed: int, source: str, samples: int = 0,
-            proposal: float = 4.0, draws: int = 1, student_data: dict | None = None, student_steps: int = 0
-            ) -> list[dict]:
+            proposal: float = 4.0, draws: int = 1, student_data: dict | None = None, student_steps: int = 0,
+            plain: bool = False) -> list[dict]:
     """One row per (divergence, T, method, k); ``sampled`` rows when ``samples`` > 0."""
     gen = torch.Generator().manual_seed(seed)
     teacher = teacher.half().float()  # what any cache holds
@@ -196,6 +210,13 @@ def measure(teacher: torch.Tensor, temperatures: list[float], ks: list[int], div
                     g_p, g_l, loss = runs[0]
                     rows.append(_row(source, vocab, div, t, "sampled", k, grid_points, on_grid, loss, ref_loss,
                                      g_p, ref_p, g_l, ref_l, mass, mean, samples, proposal))
+                    if plain:
+                        runs = [student.grads(lambda s: plain_sampled_kd(s, values, idx, lse, slope, betas, sid, sval,
+                                                                         t, proposal)) for sid, sval in tails[k]]
+                        mean = torch.stack([r[0] for r in runs]).mean(0)
+                        g_p, g_l, loss = runs[0]
+                        rows.append(_row(source, vocab, div, t, "sampled_plain", k, grid_points, on_grid, loss,
+                                         ref_loss, g_p, ref_p, g_l, ref_l, mass, mean, samples, proposal))
     return rows
 
 
@@ -250,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samples", type=int, default=64, help="tail samples per token of the sampled method (0 = none)")
     ap.add_argument("--proposal-temperature", type=float, default=4.0, help="temperature the tail samples are drawn at")
     ap.add_argument("--draws", type=int, default=4, help="independent tail draws for grad_cos_mean")
+    ap.add_argument("--plain", action="store_true",
+                    help="also the sampled tail without the loss's control variate (method sampled_plain)")
     ap.add_argument("--divergence", default="forward_kl", choices=[*DIVERGENCES, "all"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -277,13 +300,15 @@ def main(argv: list[str] | None = None) -> None:
         teachers = [(synthetic_teacher(args.tokens, int(v), gen), "synthetic", None) for v in args.vocabs.split(",")]
     for teacher, source, student_data in teachers:
         rows += measure(teacher, temperatures, ks, divergences, args.grid_points, t_range, args.seed, source,
-                        args.samples, args.proposal_temperature, args.draws, student_data, args.student_steps)
+                        args.samples, args.proposal_temperature, args.draws, student_data, args.student_steps,
+                        args.plain)
     print(f"{len(rows)} rows in {time.perf_counter() - started:.0f} s; grid T in [{t_range[0]:g}, {t_range[1]:g}], "
           f"{args.grid_points} points; kd_weight = 1 (loss = T^2 * D); {args.tokens} tokens\n")
     print(markdown(rows))
     if args.json:
         setup = {"tokens": args.tokens, "grid": list(t_range), "grid_points": args.grid_points, "seed": args.seed,
                  "samples": args.samples, "proposal_temperature": args.proposal_temperature, "draws": args.draws,
+                 "plain": args.plain,
                  "argv": sys.argv[1:] if argv is None else argv, "source": [s for _, s, _ in teachers],
                  "student": "trained" if args.teacher else "offset", "student_steps": args.student_steps}
         Path(args.json).write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))

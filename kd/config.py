@@ -96,9 +96,10 @@ class TeacherConfig:
     """Compact cache: ids drawn per token from the teacher's tail, with their logits (RS-KD,
     :func:`kd.compact.sample_tail`), so the student learns the tail's shape, not only its
     mass; 0 = the k + 1 buckets alone. With a real student on WikiText-2 the buckets alone
-    gave a parameter-gradient cosine to the dense teacher's of -0.18 at T = 1 and -0.94 at
-    T = 4, 64 samples 0.999 and 0.989 (BENCHMARKS.md). 4 bytes per sample (6 above V =
-    32,768). Used by forward_kl; the other divergences use the buckets."""
+    gave a parameter-gradient cosine to the dense teacher's of -0.18 at T = 1 and -0.95 at
+    T = 8, 64 samples (with the loss's control variate) 0.995 and 0.998 (BENCHMARKS.md).
+    4 bytes per sample (6 above V = 32,768). Used by forward_kl; the other divergences use
+    the buckets."""
     proposal_temperature: float = 4.0
     """Temperature the tail samples are drawn at; importance weights carry them to every
     training temperature. The weights exp((1/T - 1/T_p) z) stay bounded for T <= T_p and

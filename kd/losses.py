@@ -393,7 +393,7 @@ def distillation_loss(
     n = labels.numel()
     student = student_logits.reshape(n, vocab)
     labels = labels.reshape(-1)
-    teacher = idx = val = tail = target = None
+    teacher = idx = val = tail = target = sample_log_r = None
     if kd_weight > 0:
         keep = labels != IGNORE_INDEX
         teacher = None if teacher_logits is None else teacher_logits.reshape(n, vocab)
@@ -410,22 +410,24 @@ def distillation_loss(
             tail = interpolate(topk_tail_lse.reshape(n, -1), slope, tuple(tail_betas), 1.0 / temperature)
             tail = torch.where(keep, tail, 0.0)  # masked rows may hold anything
         if tail_sample_indices is not None:
-            idx, val, target = _sampled_slots(idx, val, tail, keep, tail_sample_indices, tail_sample_values,
-                                              proposal_temperature, temperature, divergence, n)
+            idx, val, target, sample_log_r = _sampled_slots(idx, val, tail, keep, tail_sample_indices,
+                                                            tail_sample_values, proposal_temperature, temperature,
+                                                            divergence, n)
             tail = None
             if check_indices:  # the drawn ids too
                 _check_ids(idx, vocab)
 
     args = (temperature, kd_weight, divergence, jsd_beta, skew_alpha)
     if should_chunk(chunk_tokens, n, vocab):
-        return chunked_loss(student, labels, teacher, idx, val, tail, args, chunk_tokens, target)
-    return loss_rows(student, labels, teacher, idx, val, tail, *args, target=target)
+        return chunked_loss(student, labels, teacher, idx, val, tail, args, chunk_tokens, target, sample_log_r)
+    return loss_rows(student, labels, teacher, idx, val, tail, *args, target=target, sample_log_r=sample_log_r)
 
 
 def _sampled_slots(idx: Tensor | None, val: Tensor | None, tail: Tensor | None, keep: Tensor, sample_idx: Tensor,
                    sample_val: Tensor | None, proposal_temperature: float | None, temperature: float,
-                   divergence: str, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(slot ids (N, k + S), exact log p_T per slot, target per slot) of head + sampled tail."""
+                   divergence: str, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(slot ids (N, k + S), exact log p_T per slot, target per slot, the samples' log
+    proposal weights (N, S)) of head + sampled tail."""
     if tail is None or idx is None or val is None:
         raise ValueError("tail samples need the compact format: topk_indices, topk_values and topk_tail_lse")
     if sample_val is None or sample_val.shape != sample_idx.shape or sample_idx.numel() != n * sample_idx.shape[-1]:
@@ -438,8 +440,8 @@ def _sampled_slots(idx: Tensor | None, val: Tensor | None, tail: Tensor | None, 
         raise ValueError(f"proposal_temperature={proposal_temperature!r} is not allowed: a sampled tail needs the "
                          "temperature (> 0) it was drawn at")
     sid = torch.where(keep.unsqueeze(-1), sample_idx.reshape(n, -1).long(), 0)
-    target, log_p = sampled_targets(val, tail, sample_val.reshape(n, -1), temperature, proposal_temperature)
-    return torch.cat([idx, sid], -1), log_p, target
+    target, log_p, log_r = sampled_targets(val, tail, sample_val.reshape(n, -1), temperature, proposal_temperature)
+    return torch.cat([idx, sid], -1), log_p, target, log_r
 
 
 def _check_ids(idx: Tensor, vocab: int) -> None:
@@ -456,19 +458,22 @@ def _check_ids(idx: Tensor, vocab: int) -> None:
 
 def loss_rows(student: Tensor, labels: Tensor, teacher: Tensor | None, idx: Tensor | None, val: Tensor | None,
               tail: Tensor | None, temperature: float, kd_weight: float, divergence: str, jsd_beta: float,
-              skew_alpha: float, count: Tensor | None = None, target: Tensor | None = None) -> LossParts:
+              skew_alpha: float, count: Tensor | None = None, target: Tensor | None = None,
+              sample_log_r: Tensor | None = None) -> LossParts:
     """The loss on (N, V) rows whose targets are checked: teacher (N, V) or idx/val (N, k)
     (+ tail (N,), B(1/T)); masked rows (label -100) stay in and are zeroed by weights.
     ``count`` divides the sums (default: this batch's unmasked rows; a chunk passes the
     whole batch's). ``target`` (N, m): an explicit sparse target at ``idx`` with the
-    teacher's exact log-probs in ``val`` (forward KL only: :func:`_sampled_slots`)."""
+    teacher's exact log-probs in ``val`` (forward KL only: :func:`_sampled_slots`); with
+    ``sample_log_r`` (N, S) its last S slots are tail samples and the gradient takes the
+    control variate of :mod:`kd.losses_fused`."""
     if count is None:
         count = (labels != IGNORE_INDEX).sum().clamp(min=1)
     if kd_weight == 0:  # cross-entropy only: the teacher tensors are never read
         return LossParts(*FusedForwardKL.apply(student, labels, None, None, None, temperature, 0.0, None, count))
     if divergence == "forward_kl":  # Hinton's loss, the default: one fused node (kd.losses_fused)
         return LossParts(*FusedForwardKL.apply(student, labels, teacher, idx, val, temperature, kd_weight, tail,
-                                               count, target))
+                                               count, target, sample_log_r))
     keep = labels != IGNORE_INDEX
     ce = FusedForwardKL.apply(student, labels, None, None, None, 1.0, 0.0, None, count)[1]
     # Masked rows may hold anything (padding, inf): replace them by zeros before the (N, V)

@@ -57,7 +57,8 @@ def _part(x: Tensor | None, sl: slice) -> Tensor | None:
 
 class _Chunked(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student: Tensor, labels: Tensor, teacher, idx, val, tail, args: tuple, rows: int, target=None):
+    def forward(ctx, student: Tensor, labels: Tensor, teacher, idx, val, tail, args: tuple, rows: int, target=None,
+                log_r=None):
         from kd.losses import IGNORE_INDEX, loss_rows
         from kd.losses_fused import backward_rows, forward_rows
 
@@ -78,7 +79,7 @@ class _Chunked(torch.autograd.Function):
                 q_out = grad[sl] if want_grad and grad.dtype == torch.float32 else None
                 *parts, saved = forward_rows(student[sl].detach(), labels[sl], _part(teacher, sl), _part(idx, sl),
                                              _part(val, sl), temperature, kd_weight, _part(tail, sl), count,
-                                             _part(target, sl), q_out=q_out, work=work)
+                                             _part(target, sl), _part(log_r, sl), q_out=q_out, work=work)
                 if want_grad:
                     g = backward_rows(saved, temperature, kd_weight, 1.0, 0.0, 0.0)
                     if q_out is None:
@@ -88,12 +89,13 @@ class _Chunked(torch.autograd.Function):
                 with torch.enable_grad():
                     s = student[sl].detach().requires_grad_(want_grad)
                     parts = loss_rows(s, labels[sl], _part(teacher, sl), _part(idx, sl), _part(val, sl),
-                                      _part(tail, sl), *args, count=count, target=_part(target, sl))
+                                      _part(tail, sl), *args, count=count, target=_part(target, sl),
+                                      sample_log_r=_part(log_r, sl))
                     if want_grad:
                         (g,) = torch.autograd.grad(parts.loss, s)
                         grad[sl] = g
             totals += torch.stack([p.detach() for p in parts])
-        ctx.save_for_backward(grad, labels, teacher, idx, val, tail, student, target)
+        ctx.save_for_backward(grad, labels, teacher, idx, val, tail, student, target, log_r)
         ctx.args, ctx.rows = args, rows
         ctx.set_materialize_grads(False)  # unused outputs arrive as None: no zero tensors, no checks
         loss, ce, kd = totals.unbind()
@@ -103,7 +105,7 @@ class _Chunked(torch.autograd.Function):
     def backward(ctx, g_loss, g_ce, g_kd):
         from kd.losses import IGNORE_INDEX, loss_rows
 
-        grad, labels, teacher, idx, val, tail, student, target = ctx.saved_tensors
+        grad, labels, teacher, idx, val, tail, student, target, log_r = ctx.saved_tensors
         out = None
         if g_loss is not None:
             out = grad.mul_(g_loss.to(grad.dtype))  # saved for this backward only: in place
@@ -114,7 +116,8 @@ class _Chunked(torch.autograd.Function):
                 with torch.enable_grad():
                     s = student[sl].detach().requires_grad_(True)
                     parts = loss_rows(s, labels[sl], _part(teacher, sl), _part(idx, sl), _part(val, sl),
-                                      _part(tail, sl), *ctx.args, count=count, target=_part(target, sl))
+                                      _part(tail, sl), *ctx.args, count=count, target=_part(target, sl),
+                                      sample_log_r=_part(log_r, sl))
                     pairs = [(p, g) for p, g in ((parts.ce, g_ce), (parts.kd, g_kd))
                              if g is not None and p.requires_grad]
                     if not pairs:  # kd_weight = 0: kd is a constant
@@ -122,14 +125,14 @@ class _Chunked(torch.autograd.Function):
                     (g,) = torch.autograd.grad([p for p, _ in pairs], s, [g for _, g in pairs])
                 extra[sl] += g.to(extra.dtype)
             out = extra
-        return out, None, None, None, None, None, None, None, None
+        return out, None, None, None, None, None, None, None, None, None
 
 
 def chunked_loss(student: Tensor, labels: Tensor, teacher: Tensor | None, idx: Tensor | None, val: Tensor | None,
-                 tail: Tensor | None, args: tuple, chunk_tokens: int | None, target: Tensor | None = None):
+                 tail: Tensor | None, args: tuple, chunk_tokens: int | None, target: Tensor | None = None,
+                 log_r: Tensor | None = None):
     """:func:`kd.losses.loss_rows` over (N, V) rows, ``chunk_tokens`` rows at a time."""
     from kd.losses import LossParts
 
     rows = chunk_tokens or auto_rows(student.shape[-1])
-    return LossParts(*_Chunked.apply(student, labels, teacher, idx, val, tail, args, rows,
-                                     target))
+    return LossParts(*_Chunked.apply(student, labels, teacher, idx, val, tail, args, rows, target, log_r))

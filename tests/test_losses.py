@@ -371,16 +371,21 @@ def test_topk_bench_writes_the_rows_and_compact_is_exact_at_k_plus_one_buckets(t
     spec.loader.exec_module(bench)
     out = tmp_path / "topk.json"
     bench.main(["--tokens", "16", "--vocabs", "64", "--ks", "4,63", "--temperatures", "1,4",
-                "--extra-temperatures", "2.5", "--json", str(out)])
+                "--extra-temperatures", "2.5", "--plain", "--json", str(out)])
     assert "dense" in capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 3 * (1 + 3 * 2)  # per T: dense + (topk, compact, sampled) x 2 k
+    assert len(rows) == 3 * (1 + 4 * 2)  # per T: dense + (topk, compact, sampled, sampled_plain) x 2 k
     keys = {"vocab", "temperature", "k", "method", "bytes_per_token", "loss_rel_err", "grad_cos"}
     assert all(keys <= set(r) for r in rows)
     for r in rows:
         if r["method"] == "dense":
             assert r["loss_rel_err"] == 0 and r["grad_cos"] > 1 - 1e-9 and r["bytes_per_token"] == 128
-        elif r["method"] in ("compact", "sampled") and r["k"] == 63 and r["on_grid"]:  # one tail token: = dense
+        elif r["method"] in ("compact", "sampled", "sampled_plain") and r["k"] == 63 and r["on_grid"]:  # = dense
             assert r["loss_rel_err"] < 1e-5 and r["grad_cos"] > 1 - 1e-6 and r["grad_cos_mean"] > 1 - 1e-6, r
         elif r["method"] == "topk" and r["temperature"] == 4:
             assert r["loss_rel_err"] > 1e-3
+    # The control variate changes the gradient only: both sampled methods estimate one value.
+    loss = {(r["temperature"], r["k"], r["method"]): r["loss"] for r in rows}
+    for (t, k, method), value in loss.items():
+        if method == "sampled":
+            assert value == pytest.approx(loss[t, k, "sampled_plain"], rel=1e-5)
