@@ -4,11 +4,13 @@
     python bench/wikitext2.py --data PATH --teacher-steps 600  # other copy, longer teacher
     python bench/wikitext2.py --seeds 2                        # every student with 2 seeds: mean ± std
     python bench/wikitext2.py --quick                          # tiny version (< 60 s)
+    python bench/wikitext2.py --vocab 32000 --teacher-only     # a 32k-vocabulary teacher, for the soft-label benches
 
 A DistilGPT2-style table on real text, through the project's own code only:
 ``kd.config`` with ``data.source=<local wikitext dir>`` and ``teacher.source=train``, so
-:func:`kd.teacher.ensure_teacher` trains a byte-level BPE tokenizer (8192 tokens) on the
-training split and a GPT-2 teacher on it (cached by fingerprint), and
+:func:`kd.teacher.ensure_teacher` trains a byte-level BPE tokenizer (8192 tokens unless
+``--vocab``, i.e. ``teacher.vocab_size``) on the training split and a GPT-2 teacher on it
+(cached by fingerprint; ``--teacher-only`` stops there and prints its directory), and
 :func:`kd.run.distill` trains each student. Students keep the teacher's width and take
 about 1/2 and 1/4 of its non-embedding parameters (half and a quarter of its depth, as
 DistilGPT2 did), each trained three ways at the same steps and batches: CE only
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-layers", type=int, default=4)
     p.add_argument("--teacher-embd", type=int, default=256)
     p.add_argument("--teacher-steps", type=int, default=300)
+    p.add_argument("--vocab", type=int, default=8192, help="BPE vocabulary trained on the corpus (teacher.vocab_size)")
+    p.add_argument("--teacher-only", action="store_true", help="train (or find) the teacher, print its directory, stop")
     p.add_argument("--student-steps", type=int, default=120, help="steps per student (batch --batch-size)")
     p.add_argument("--student-layers", default="2,1", help="student depths at the teacher's width (1/2, 1/4)")
     p.add_argument("--kd-weights", default="0,1,0.5", help="CE only, distillation only, combined")
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "data.source": str(data), "data.block_size": args.block_size,
         "teacher.source": "train", "teacher.n_layer": args.teacher_layers, "teacher.n_embd": args.teacher_embd,
         "teacher.n_head": max(1, args.teacher_embd // 64), "teacher.steps": args.teacher_steps,
+        "teacher.vocab_size": args.vocab,
         "teacher.batch_size": args.batch_size,
         "train.batch_size": args.batch_size, "train.steps": args.student_steps,
         "train.warmup_steps": max(1, args.student_steps // 10), "train.eval_every": args.student_steps,
@@ -127,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} threads", flush=True)
     source = ensure_teacher(cfg, progress=False)  # tokenizer + teacher, cached by fingerprint
     teacher_s = time.perf_counter() - t0
+    if args.teacher_only:
+        print(f"teacher: {source} ({teacher_s:.0f} s)")
+        return 0
     teacher, tok = load_pretrained(source)
     blocks = load_blocks(cfg.data, tok)
     if blocks.test is None:

@@ -63,6 +63,10 @@ class TeacherConfig:
     """Blocks per optimizer step when the project trains the teacher."""
     lr: float = 2e-3
     """Peak learning rate when the project trains the teacher (warm-up, then cosine)."""
+    vocab_size: int = 8192
+    """BPE vocabulary of the tokenizer the project trains on a user's corpus for its teacher
+    (``data.source`` not ``world``: the world has its own 2,048). Above 8,192 the soft-label
+    cache is compact (``teacher.soft_label_format=auto``)."""
     mode: str = "online"
     """Where a trial's teacher outputs come from. ``online``: run the teacher on every batch
     of every trial. ``cache``: read them from the soft-label cache (:mod:`kd.soft_labels`),
@@ -274,6 +278,7 @@ ALLOWED: dict[str, str] = {
     "teacher.steps": "integer >= 1",
     "teacher.batch_size": "integer >= 1, at most the training blocks",
     "teacher.lr": "number > 0",
+    "teacher.vocab_size": "integer in [512, 262144]; only with a data.source other than world",
     "teacher.mode": " | ".join(TEACHER_MODES),
     "teacher.top_k": "integer in [0, 65536]",
     "teacher.soft_labels_dir": "empty or a directory",
@@ -544,6 +549,9 @@ def validate(cfg: KDConfig) -> None:
     _check(t.n_embd % t.n_head == 0, "teacher.n_embd", t.n_embd,
            f"must be divisible by teacher.n_head={t.n_head}")
     _check(t.lr > 0, "teacher.lr", t.lr, "must be > 0")
+    _check(512 <= t.vocab_size <= 262144, "teacher.vocab_size", t.vocab_size, "must be in [512, 262144]")
+    _check(t.vocab_size == TeacherConfig.vocab_size or d.source != "world", "teacher.vocab_size",
+           t.vocab_size, "applies to a tokenizer trained on your data.source; the world's tokenizer has 2,048 ids")
     _check_choice("teacher.mode", t.mode, TEACHER_MODES)
     _check(t.top_k >= 0, "teacher.top_k", t.top_k, "must be >= 0 (0 = dense online, the default k for the cache)")
     _check(t.top_k <= 65536, "teacher.top_k", t.top_k, "must be <= 65536")

@@ -25,8 +25,6 @@ from kd.device import precisions_served
 from kd.paths import cache_dir
 from kd.train import train
 
-#: BPE vocabulary for a tokenizer trained on a user's corpus (WikiText-2 scale text).
-TEXT_VOCAB_SIZE = 8192
 #: Bump whenever the training recipe changes what the same key trains (it is in the key).
 RECIPE_VERSION = 1
 #: teacher.* fields that do not change a trained teacher's weights: where it comes from,
@@ -34,7 +32,9 @@ RECIPE_VERSION = 1
 #: sweep over teacher.top_k or the grid shares one teacher.
 NOT_WEIGHTS = ("source", "trust_remote_code", "mode", "top_k", "soft_labels_dir", "soft_label_format",
                "grid_min_temperature", "grid_max_temperature", "grid_points", "tail_samples",
-               "proposal_temperature")
+               "proposal_temperature",
+               # Keyed through the tokenizer it trains, which the blocks' fingerprint covers.
+               "vocab_size")
 #: train.* fields the teacher's training shares with the student's that do not change its
 #: weights: ``eval_blocks`` (only what its history reports), and three that change them only
 #: by floating-point rounding (the same initialisation, data order and arithmetic), so a
@@ -50,13 +50,13 @@ def data_tokenizer(cfg: KDConfig) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(str(ensure_world(cfg.data.world_size, cfg.data.world_seed) / "tokenizer"))
     # A user's own corpus: train the same byte-level BPE the world uses on its training
     # split, cached by the data settings and the source's contents.
-    key = {"kind": "trained_tokenizer", **data_key(cfg.data), "vocab": TEXT_VOCAB_SIZE}
+    key = {"kind": "trained_tokenizer", **data_key(cfg.data), "vocab": cfg.teacher.vocab_size}
     path = cache_dir() / "tokenizers" / fingerprint(key)
     if not _tokenizer_complete(path):
         from kd.data import load_texts
         from kd.world import train_tokenizer
 
-        tok = train_tokenizer(load_texts(cfg.data)["train"], vocab_size=TEXT_VOCAB_SIZE)
+        tok = train_tokenizer(load_texts(cfg.data)["train"], vocab_size=cfg.teacher.vocab_size)
         with building_dir(path, complete=_tokenizer_complete) as tmp:
             tok.save_pretrained(tmp)
     return AutoTokenizer.from_pretrained(str(path))

@@ -329,3 +329,24 @@ def test_a_local_teachers_key_covers_its_weights_and_its_config(tok, tmp_path):
     assert weights_fingerprint(str(teacher_dir)) != first  # same weights, other logits
     save_pretrained_pair(teacher_dir, tok, make_model(tok, seed=1))
     assert len({first, weights_fingerprint(str(teacher_dir))}) == 2
+
+
+def test_teacher_vocab_size_sets_the_trained_tokenizer_and_keys_the_teacher(tiny_overrides, tmp_path):
+    """teacher.vocab_size: the BPE trained on a user's corpus has that many ids, and a teacher
+    of another vocabulary gets another key (through its tokenizer, in the blocks' fingerprint)."""
+    import random
+
+    from kd.teacher import data_tokenizer, teacher_fingerprint
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(3000)]
+    f = tmp_path / "corpus.txt"
+    f.write_text("\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(2000)) + "\n")
+    sizes, keys = [], []
+    for vocab in (512, 1536):
+        cfg = _cfg(tiny_overrides, **{"data.source": str(f), "train.precision": "fp32", "teacher.vocab_size": vocab})
+        tok = data_tokenizer(cfg)
+        sizes.append(len(tok))
+        keys.append(teacher_fingerprint(cfg, tok))
+    assert sizes[0] <= 512 < 1400 < sizes[1] <= 1536, sizes
+    assert keys[0] != keys[1]

@@ -46,6 +46,8 @@ def test_overrides_do_not_mutate_defaults():
         ("data.source=/no/such/dir", "data.source='/no/such/dir' is not allowed: a local path must exist"),
         ("teacher.source=./missing-teacher", "teacher.source='./missing-teacher' is not allowed"),
         ("train.steps=abc", "train.steps='abc' is not allowed: expected an integer"),
+        ("teacher.vocab_size=100", "teacher.vocab_size=100 is not allowed: must be in [512, 262144]"),
+        ("teacher.vocab_size=32000", "teacher.vocab_size=32000 is not allowed: applies to a tokenizer trained on"),
         ("loss.temprature=2", "unknown config key 'loss.temprature'; did you mean 'loss.temperature'?"),
         ("temperature=2", "did you mean 'loss.temperature'?"),
     ],
