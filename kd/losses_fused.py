@@ -183,8 +183,10 @@ class FusedForwardKL(torch.autograd.Function):
     the teacher as dense logits (N, V) or as ``idx``/``val`` (N, k); ``temperature`` T > 0;
     ``kd_weight`` a in [0, 1] (0: CE only, the teacher is never read); ``tail_lse`` (N,)
     for the compact format's k + 1 buckets, or None; ``count`` the divisor of the sums
-    (None: this call's unmasked rows). Outputs are fp32
-    scalars; the gradient flows to the student logits only (the teacher is a target).
+    (None: this call's unmasked rows); ``target`` (N, k + S) an explicit head + sampled-tail
+    target at ``idx`` with the exact log-probs in ``val``, and ``sample_log_r`` (N, S) its
+    samples' log proposal weights, for the control variate. Outputs are fp32 scalars; the
+    gradient flows to the student logits only (the teacher is a target).
     """
 
     @staticmethod
