@@ -137,14 +137,15 @@ class Tracker:
         """A sweep's seed statistics and verdict (see :func:`kd.sweep.results.summarize`).
 
         On the parent: ``<entry>_<metric>_mean`` / ``_std`` and ``<entry>_n_seeds`` for the
-        reference and the best (or ``front<i>_...``), tag ``kd.verdict``, and the whole
+        reference, the best, the best's repeats alone (``best_fresh``) and the runner-up (or
+        ``front<i>_...``), tag ``kd.verdict``, and the whole
         summary as artifact ``summary.json``. On each run of a configuration with several
         seeds: ``<metric>_seed_mean``, ``<metric>_seed_std`` and ``n_seeds``.
         """
         import json
         import tempfile
 
-        named = [(k, summary[k]) for k in ("reference", "best", "runner_up") if summary.get(k)]
+        named = [(k, summary[k]) for k in ("reference", "best", "best_fresh", "runner_up") if summary.get(k)]
         named += [(f"front{i}", e) for i, e in enumerate(summary.get("front") or [])]
         flat: dict[str, float] = {}
         for name, e in named:

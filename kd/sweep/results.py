@@ -4,7 +4,9 @@ the report in ``analysis/`` computes the same verdict from MLflow's records.
 
 A *configuration* is a trial's searched values (``train.seed`` aside), or the CE-only
 reference. Its entry is ``{"config": {...}, "n_seeds": n, "mean": {metric: v},
-"std": {metric: v}}`` (``std`` across seeds, ddof=1; absent for one seed).
+"std": {metric: v}}`` (``std`` across seeds, ddof=1; absent for one seed). The best's
+``best_fresh`` entry holds only its repeats: the seeds run after the search picked it,
+which the verdict tests against the reference (the picked run's score leans upward).
 """
 
 from __future__ import annotations
@@ -139,13 +141,15 @@ def _pm(e: dict[str, Any], m: str) -> str:
 
 
 def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, reference: dict | None,
-            front: list[dict] | None = None) -> str:
+            front: list[dict] | None = None, fresh: dict | None = None) -> str:
     """One plain sentence: what the sweep found and how sure it is, from the entries.
 
     "Beats" only when a one-sided Welch t-test over the seeds says so at 95%
     (:func:`welch`): with 2 seeds a side the mean difference must be ~2.9 times its
     standard error, with 3 ~2.1. One seed on either side leaves the spread unknown, and
-    the sentence says so.
+    the sentence says so. ``fresh``, the best's seeds run after the search picked it
+    (its repeats), is what the test against the reference uses when given: the searched
+    run was picked for being high, so a test that counts it favours the best.
     """
     m = objectives[0] if len(objectives) == 1 else "acc_mean"
     sign = 1 if direction(m) == "max" else -1
@@ -168,9 +172,13 @@ def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, re
     if best is None or m not in best["mean"]:
         return f"No searched trial finished with {m}, so the sweep found nothing to report."
     text = f"The best configuration ({_name(best['config'])}) reaches {m} {_pm(best, m)}"
+    tested = best
+    if fresh is not None and m in fresh["mean"]:
+        tested = fresh
+        text += f", {_pm(fresh, m)} on the seeds run after the search picked it"
     if reference and m in reference["mean"]:
-        diff = sign * (best["mean"][m] - reference["mean"][m])
-        test = welch(best, reference, m, sign)
+        diff = sign * (tested["mean"][m] - reference["mean"][m])
+        test = welch(tested, reference, m, sign)
         shape = _other_shape(best["config"], reference["config"])
         ref = f"the CE-only reference{' at ' + shape if shape else ''} ({_pm(reference, m)})"
         if test is None:
@@ -280,11 +288,18 @@ def summarize(trials: list[dict[str, Any]], objectives: list[str], teacher: dict
         best = next((e for e in searched if repr(sorted(e["config"].items())) == key), None)
         others = sorted((e for e in searched if e is not best and m in e["mean"]), key=lambda e: -sign * e["mean"][m])
         runner = others[0] if others else None
+        fresh = None
         if best is not None:
             out["best"] = best
+            # The search picked this configuration for its high searched run, so that run's
+            # score leans upward (the winner's curse); its repeats, run after the pick, do not.
+            repeats = [t for g, e in entries if e is best for t in g if t.get("role") == "repeat"]
+            fresh = entry(repeats, metrics) if repeats else None
+            if fresh is not None and fresh["n_seeds"]:
+                out["best_fresh"] = fresh
         if runner is not None:
             out["runner_up"] = runner
-        out["verdict"] = verdict(objectives, best, runner, ref)
+        out["verdict"] = verdict(objectives, best, runner, ref, fresh=fresh)
     else:
         keys = {repr(sorted(config_of(t).items())) for t in front_trials(trials, objectives)}
         front = [e for e in searched if repr(sorted(e["config"].items())) in keys]
