@@ -72,6 +72,16 @@ def _kl_rows(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
     return torch.bmm(p.unsqueeze(1), diff.unsqueeze(2)).reshape(-1), p
 
 
+def _tail_mass(q: Tensor, idx: Tensor) -> Tensor:
+    """(N,) the mass of ``q`` outside the ids ``idx``, summed over those ids' complement
+    (zero them in place, sum, put them back): 1 - sum_S q would lose it to cancellation
+    when small. Clamped to the smallest normal float, a divisor."""
+    q_s = q.gather(-1, idx)
+    mass = q.scatter_(-1, idx, 0.0).sum(-1).clamp_(min=torch.finfo(torch.float32).tiny)
+    q.scatter_(-1, idx, q_s)
+    return mass
+
+
 def forward_rows(student: Tensor, labels: Tensor, teacher: Tensor | None, idx: Tensor | None, val: Tensor | None,
                  temperature: float, kd_weight: float, tail_lse: Tensor | None = None, count: Tensor | None = None,
                  target: Tensor | None = None, sample_log_r: Tensor | None = None, q_out: Tensor | None = None,
@@ -121,11 +131,7 @@ def forward_rows(student: Tensor, labels: Tensor, teacher: Tensor | None, idx: T
             kd_rows, p = _kl_rows(log_p, log_q_t.gather(-1, idx))
         q_t = log_q_t.exp() if T == 1.0 else log_q_t.exp_()  # T = 1: log_q is needed below
         if tail_lse is not None:
-            # The student's tail mass summed directly over the ids outside S (zero S in
-            # place, sum, put S back): 1 - sum_S q would lose it to cancellation when small.
-            q_s = q_t.gather(-1, idx)
-            q_tail = q_t.scatter_(-1, idx, 0.0).sum(-1).clamp_(min=torch.finfo(torch.float32).tiny)
-            q_t.scatter_(-1, idx, q_s)
+            q_tail = _tail_mass(q_t, idx)
             p_tail = log_p_tail.exp()
             kd_rows = kd_rows + torch.where(p_tail > 0, p_tail * (log_p_tail - q_tail.log()), 0.0)
             ratio = (p_tail / q_tail).unsqueeze(-1)  # (N, 1): the tail's gradient weight
@@ -137,10 +143,7 @@ def forward_rows(student: Tensor, labels: Tensor, teacher: Tensor | None, idx: T
             w = c / p_tail.clamp(min=tiny)
             v = torch.softmax(log_q_slots[:, k:] - sample_log_r, -1).nan_to_num_(0.0)  # empty tail: 0
             coef = ((w * v).sum(-1, keepdim=True) / (v * v).sum(-1, keepdim=True).clamp(min=tiny)).clamp_(0.0, 1.0)
-            q_s = q_t.gather(-1, idx)
-            q_tail = q_t.scatter_(-1, idx, 0.0).sum(-1, keepdim=True).clamp_(min=tiny)
-            q_t.scatter_(-1, idx, q_s)
-            ratio = coef * p_tail / q_tail  # (N, 1)
+            ratio = coef * p_tail / _tail_mass(q_t, idx).unsqueeze(-1)  # (N, 1)
             sample_p = c - coef * p_tail * v  # (N, S): p_tail (w - c v)
         kd = T * T * torch.where(keep, kd_rows, 0.0).sum() / count
     q = log_q.exp_() if q_out is None else torch.exp(log_q, out=q_out)
