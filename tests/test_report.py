@@ -118,6 +118,26 @@ def test_best_row_gives_the_winners_configuration_over_its_seeds():
     assert rows["params"][2:5] == ["5", "1 seed: spread unknown", "d"]
 
 
+def test_seed_rows_give_the_seeds_after_the_pick_apart():
+    """The verdict tests the searched best on its repeats alone (the picked run leans upward):
+    the seeds table gives their mean beside the mean over every seed."""
+    import pandas as pd
+
+    from analysis.report import _seed_rows
+
+    df = pd.DataFrame({"status": ["FINISHED"] * 6, "trial_id": list("abcdef"),
+                       "run_id": [c * 32 for c in "abcdef"],
+                       "role": ["trial", "repeat", "repeat", "reference", "reference", "trial"],
+                       "loss.temperature": [2.0, 2.0, 2.0, None, None, 4.0],
+                       "loss.kd_weight": [0.5, 0.5, 0.5, 0.0, 0.0, 0.5],
+                       "train.seed": [0, 1, 2, 0, 1, 0], "acc_mean": [0.70, 0.60, 0.62, 0.5, 0.52, 0.65]})
+    rows = {r[1]: r for r in _seed_rows(df, ["acc_mean"], ["loss.temperature", "loss.kd_weight", "train.seed"])}
+    assert set(rows) == {"searched", "reference"}  # a one-seed searched configuration has no row
+    assert rows["searched"][2:] == ["3", f"{fmt(0.64)} ± {fmt(statistics.stdev([0.7, 0.6, 0.62]))}",
+                                    f"{fmt(0.61)} ± {fmt(statistics.stdev([0.6, 0.62]))} (2)"]
+    assert rows["reference"][-1] == "-"
+
+
 def test_pareto_table_and_teacher_are_mlflows(report, store):
     client = MlflowClient(store.tracking_uri)
     t = tables(report.read_text())
