@@ -17,12 +17,13 @@ The evaluation sets use the schemas of real benchmarks so one evaluator serves b
 Sizes (training tokens with the world's own tokenizer at seed 0, one eos per document;
 ``world.json`` has the exact counts): ``tiny`` 40 people, 779 documents, ~32k tokens (tests);
 ``small`` 100 people, 1,645 documents, ~68k; ``default`` 200 people (the main job),
-3,005 documents, ~134k tokens (89k of them biographies, 8-12 per person), so the default
-teacher's 1,000 steps of 16 x 128 tokens (2.05M tokens) are ~15 passes over everything and
-~130 sightings of each fact: a 4x256 model was measured to need ~30 passes over a
-fact before held-out QA works, and many renderings per fact (rather than many passes over
-a few) keep the teacher from memorising documents. More people at the same budget means
-fewer sightings per fact, and held-out QA collapses.
+12,682 documents, ~557k tokens (399k of them biographies, 40-50 per person), so the default teacher's
+1,000 steps of 16 x 128 tokens (2.05M tokens) are ~3.7 passes over everything and
+~165 sightings of each fact: a 4x256 model was measured to need ~30 passes over a fact
+before held-out QA works, and many renderings per fact (rather than many passes over a
+few) keep the teacher from memorising documents, which is what makes its soft labels
+worth distilling (:data:`SIZES`). More people at the same budget means fewer sightings
+per fact, and held-out QA collapses.
 
 Pure Python (``random.Random(seed)``) and byte-identical for a seed; torch is never imported.
 """
@@ -42,7 +43,7 @@ from kd.world_render import (ATTRIBUTES, CHOICE_CONTEXTS, STORY_TEMPLATES, Perso
                              render_story)
 
 #: Bump whenever generation changes what a (size, seed) produces: it is in the fingerprint.
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 
 #: The QA text format, the same in training documents and evaluation prompts. A prompt is
 #: the template cut before `` {answer}``; generation stops at a newline.
@@ -82,7 +83,16 @@ SIZES: dict[str, WorldSize] = {
     # earlier word (40 stories for 18 templates gave tiny completion accuracy 0.03).
     "tiny": WorldSize(people=40, train_stories=360, completion=60, val_stories=30),
     "small": WorldSize(people=100, train_stories=600, completion=150, val_stories=50),
-    "default": WorldSize(people=200, train_stories=900, completion=300, val_stories=75),
+    # The main job's world: 4x the renderings of version 3 (8-12 bios, 900 stories), at
+    # which the default teacher made 15 passes and memorised its documents (training loss
+    # 0.05 nats/token, validation 1.02): on its own training text its soft labels were
+    # one-hot (top probability 0.97 on average), so distilling them taught a student no
+    # more than the labels, and CE-only students beat it on validation. With 40-50 bios and
+    # 3,600 stories (~3.5 passes) the same teacher ends at training loss 0.52, validation
+    # 0.54, acc_mean 0.93 (0.75 before), and distilling from it beats CE-only: completion
+    # 0.52 +- 0.01 against 0.41 +- 0.03 over 3 seeds (BENCHMARKS.md).
+    "default": WorldSize(people=200, train_stories=3600, completion=300, val_stories=75,
+                         bios_per_person=(40, 50)),
 }
 assert tuple(SIZES) == WORLD_SIZES
 
