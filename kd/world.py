@@ -17,9 +17,9 @@ The evaluation sets use the schemas of real benchmarks so one evaluator serves b
 Sizes (training tokens with the world's own tokenizer at seed 0, one eos per document;
 ``world.json`` has the exact counts): ``tiny`` 40 people, 779 documents, ~32k tokens (tests);
 ``small`` 100 people, 1,645 documents, ~68k; ``default`` 200 people (the main job),
-12,682 documents, ~557k tokens (399k of them biographies, 40-50 per person), so the default teacher's
-1,000 steps of 16 x 128 tokens (2.05M tokens) are ~3.7 passes over everything and
-~165 sightings of each fact: a 4x256 model was measured to need ~30 passes over a fact
+12,982 documents, ~580k tokens (399k of them biographies, 40-50 per person; 4 QA documents per QA-trained person), so the default teacher's
+1,000 steps of 16 x 128 tokens (2.05M tokens) are ~3.5 passes over everything and
+~160 sightings of each fact: a 4x256 model was measured to need ~30 passes over a fact
 before held-out QA works, and many renderings per fact (rather than many passes over a
 few) keep the teacher from memorising documents, which is what makes its soft labels
 worth distilling (:data:`SIZES`). More people at the same budget means fewer sightings
@@ -76,6 +76,10 @@ class WorldSize:
     # validation loss 0.71-0.82, QA EM 0.81, multiple choice 0.98, completion 0.50.
     bios_per_person: tuple[int, int] = (8, 12)
     fewshot: int = 5
+    # QA documents per QA-trained person (each asks all five facts, in fresh wordings and
+    # order): the QA format's share of the text, which a student must see enough of in its
+    # few hundred steps to answer questions about the held-out half.
+    qa_docs_per_person: int = 1
 
 
 SIZES: dict[str, WorldSize] = {
@@ -88,11 +92,13 @@ SIZES: dict[str, WorldSize] = {
     # 0.05 nats/token, validation 1.02): on its own training text its soft labels were
     # one-hot (top probability 0.97 on average), so distilling them taught a student no
     # more than the labels, and CE-only students beat it on validation. With 40-50 bios and
-    # 3,600 stories (~3.5 passes) the same teacher ends at training loss 0.52, validation
-    # 0.54, acc_mean 0.93 (0.75 before), and distilling from it beats CE-only: completion
-    # 0.52 +- 0.01 against 0.41 +- 0.03 over 3 seeds (BENCHMARKS.md).
+    # 3,600 stories the same teacher ends at training loss 0.52, validation 0.54, acc_mean
+    # 0.93 (0.75 before), and distilling from it beats CE-only: completion 0.52 +- 0.01
+    # against 0.41 +- 0.03 over 3 seeds (BENCHMARKS.md). Four QA documents per person keep
+    # the QA format's share of the text (1.5% with one, the students' QA swung 0.54-0.65
+    # between seeds); the teacher then answers 99.6% of held-out questions.
     "default": WorldSize(people=200, train_stories=3600, completion=300, val_stories=75,
-                         bios_per_person=(40, 50)),
+                         bios_per_person=(40, 50), qa_docs_per_person=4),
 }
 assert tuple(SIZES) == WORLD_SIZES
 
@@ -173,8 +179,11 @@ def generate_world(size: str = "default", seed: int = 0) -> World:
                 texts.append(t)
         bios.extend(texts)
     qa_pairs = [_qa_pairs(rng, p) for p in qa_trained]
+    # Further renderings only where the size asks for them, so that a size with one QA
+    # document per person draws what it always drew.
+    more = [_qa_pairs(rng, p) for _ in range(spec.qa_docs_per_person - 1) for p in qa_trained]
     qa_docs = ["\n\n".join(QA_TEMPLATE.format(question=q, answer=v) for q, _, v in pairs)
-               for pairs in qa_pairs]
+               for pairs in qa_pairs + more]
     seen_stories: set[str] = set()
     train_stories = [t + "." for t, _ in _stories(rng, spec.train_stories, pools, seen_stories)]
     tagged = [("bio", t) for t in bios] + [("qa", t) for t in qa_docs] + [("story", t) for t in train_stories]
