@@ -175,6 +175,42 @@ def test_t_quantiles_follow_the_table_between_its_rows():
     assert welch(best, _e({}, [0.1]), "acc_mean") is None
 
 
+def test_the_verdict_pairs_runs_of_one_seed():
+    """Runs of one train.seed see the same batches, so a seed's effect (shared by both sides)
+    cancels in their difference: where the best's repeats and the reference share two seeds
+    or more, the test is paired over those seeds; Welch's otherwise."""
+    from kd.sweep.results import compare, paired, welch
+
+    # The world-v4 demo's pattern: QA moves both sides together from seed to seed, so the
+    # sides' spreads (0.02) hide a difference that every seed shows (+0.028 to +0.043).
+    ref = {"config": {"loss.kd_weight": 0.0}, "n_seeds": 3, "mean": {"acc_mean": 0.7583},
+           "std": {"acc_mean": 0.0206}, "by_seed": {"acc_mean": {"0": 0.745, "1": 0.782, "2": 0.748}}}
+    kd = {"config": {"loss.temperature": 1.0}, "n_seeds": 3, "mean": {"acc_mean": 0.7920},
+          "std": {"acc_mean": 0.0175}, "by_seed": {"acc_mean": {"0": 0.775, "1": 0.810, "2": 0.791}}}
+    d = [0.030, 0.028, 0.043]
+    mean = sum(d) / 3
+    sd = (sum((x - mean) ** 2 for x in d) / 2) ** 0.5
+    p = paired(kd, ref, "acc_mean")
+    assert p.n == 3 and p.df == 2 and p.needed == 2.920 and p.t == pytest.approx(mean / (sd / 3 ** 0.5))
+    assert p.diff == pytest.approx(mean) and p.significant
+    assert welch(kd, ref, "acc_mean").t < p.t / 3  # the seeds' shared effect counted as noise
+    text = verdict(["acc_mean"], kd, None, ref)
+    assert "beats the CE-only reference" in text and "paired t = " in text and "over the 3 seeds both ran" in text
+    # A loss: lower is better, so the sign turns the differences round.
+    assert paired(ref, kd, "acc_mean", sign=-1).significant
+    # One shared seed is no pair test: Welch's over the two sides.
+    lone = dict(kd, by_seed={"acc_mean": {"2": 0.791, "3": 0.80, "4": 0.79}})
+    assert paired(lone, ref, "acc_mean") is None and type(compare(lone, ref, "acc_mean")).__name__ == "Welch"
+    # Summaries carry each seed's value, and the verdict pairs the repeats with the reference.
+    trials = [_t("a", "trial", 2.0, 0, 0.30), _t("r0", "reference", None, 0, 0.10), _t("r1", "reference", None, 1, 0.20),
+              _t("r2", "reference", None, 2, 0.12), _t("a1", "repeat", 2.0, 1, 0.22), _t("a2", "repeat", 2.0, 2, 0.141)]
+    s = summarize(trials, ["acc_mean"], {"acc_mean": 0.5})
+    assert s["reference"]["by_seed"]["acc_mean"] == {"0": 0.10, "1": 0.20, "2": 0.12}
+    assert "paired t = 41.00 over the 2 seeds both ran" in s["verdict"] and "needs 6.31" in s["verdict"]
+    assert "beats the CE-only reference" in s["verdict"]
+    assert "by 0.0205" in s["verdict"]  # the mean difference over the paired seeds
+
+
 def _t(tid, role, temp, seed, acc, status="FINISHED"):
     return {"trial_id": tid, "role": role, "status": status, "seed": seed,
             "params": {} if role == "reference" else {"loss.temperature": temp},
@@ -299,10 +335,11 @@ def test_credentials_never_leave_the_environment(monkeypatch, tmp_path):
         resolve_store("http://bob:pw@127.0.0.1:5000")
 
 
-def test_the_main_job_reruns_its_best_and_reference_with_three_seeds():
-    """Two seeds' std is itself noise: the temperature demo's verdict rests on 3 seeds each,
-    and so do the other single-objective demos (their verdict tests the 2 seeds after the
-    pick); the Pareto demo and other presets keep the preset's count, and --help says which."""
+def test_the_main_job_reruns_its_best_and_reference_with_four_seeds():
+    """Two seeds' std is itself noise: the temperature demo's verdict rests on 4 seeds each
+    (3 after the pick, paired with the reference's: a paired test over 2 pairs needs t > 6.3),
+    the other single-objective demos on 3 (their verdict tests the 2 seeds after the pick);
+    the Pareto demo and other presets keep the preset's count, and --help says which."""
     import importlib.util
 
     from kd.sweep.spec import PRESET_REPEATS
@@ -313,11 +350,11 @@ def test_the_main_job_reruns_its_best_and_reference_with_three_seeds():
         module = importlib.util.module_from_spec(mod)
         mod.loader.exec_module(module)
         specs[name] = module.SPEC
-    assert specs["temperature"].repeats_for("demo") == 3
+    assert specs["temperature"].repeats_for("demo") == 4
     assert specs["temperature"].repeats_for("smoke") == PRESET_REPEATS["smoke"]
     # the single-objective demos test their best's repeats: 3 seeds leave 2 after the pick
     assert specs["loss_weight"].repeats_for("demo") == specs["student_size"].repeats_for("demo") == 3
     assert specs["pareto"].repeats_for("demo") == PRESET_REPEATS["demo"] == 2
     out = subprocess.run([sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--help"], capture_output=True,
                          text=True, cwd=ROOT, timeout=120).stdout
-    assert "smoke=1, demo=3, full=3" in " ".join(out.split())
+    assert "smoke=1, demo=4, full=3" in " ".join(out.split())
