@@ -56,9 +56,10 @@ class TeacherConfig:
     n_head: int = 4
     """Attention heads of a teacher the project trains."""
     steps: int = 1000
-    """Optimizer steps for a teacher the project trains (~15 passes over the default world).
-    760 left the held-out completion task at 0.38 on world seed 2; 1000 reached 0.46
-    (bench/teacher_quality.py)."""
+    """Optimizer steps for a teacher the project trains (~3.5 passes over the default world).
+    On the default world (one QA document per person then) 800 trained as good a teacher
+    as 1,000, but the students started
+    from it were far worse (acc_mean 0.55 against 0.68, BENCHMARKS.md)."""
     batch_size: int = 16
     """Blocks per optimizer step when the project trains the teacher."""
     lr: float = 2e-3
