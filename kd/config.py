@@ -58,8 +58,8 @@ class TeacherConfig:
     steps: int = 1000
     """Optimizer steps for a teacher the project trains (~3.5 passes over the default world).
     On the default world (one QA document per person then) 800 trained as good a teacher
-    as 1,000, but the students started
-    from it were far worse (acc_mean 0.55 against 0.68, BENCHMARKS.md)."""
+    as 1,000, but the students started from it were far worse (acc_mean 0.55 against 0.68,
+    BENCHMARKS.md)."""
     batch_size: int = 16
     """Blocks per optimizer step when the project trains the teacher."""
     lr: float = 2e-3

@@ -201,6 +201,15 @@ def test_the_verdict_pairs_runs_of_one_seed():
     # One shared seed is no pair test: Welch's over the two sides.
     lone = dict(kd, by_seed={"acc_mean": {"2": 0.791, "3": 0.80, "4": 0.79}})
     assert paired(lone, ref, "acc_mean") is None and type(compare(lone, ref, "acc_mean")).__name__ == "Welch"
+    # Students of different shapes share little of a seed's effect: the rule (fixed by the
+    # design, not by which test says more) is Welch's for them. The size demo's figures.
+    big = {"config": {"student.n_layer": 2, "student.n_embd": 256}, "n_seeds": 2, "mean": {"acc_mean": 0.922},
+           "std": {"acc_mean": 0.0214}, "by_seed": {"acc_mean": {"1": 0.937, "2": 0.907}}}
+    small = {"config": {"loss.kd_weight": 0.0, "student.n_layer": 2, "student.n_embd": 128}, "n_seeds": 3,
+             "mean": {"acc_mean": 0.783}, "std": {"acc_mean": 0.0076},
+             "by_seed": {"acc_mean": {"0": 0.79, "1": 0.784, "2": 0.775}}}
+    assert paired(big, small, "acc_mean") is not None
+    assert type(compare(big, small, "acc_mean")).__name__ == "Welch" and compare(big, small, "acc_mean").significant
     # Summaries carry each seed's value, and the verdict pairs the repeats with the reference.
     trials = [_t("a", "trial", 2.0, 0, 0.30), _t("r0", "reference", None, 0, 0.10), _t("r1", "reference", None, 1, 0.20),
               _t("r2", "reference", None, 2, 0.12), _t("a1", "repeat", 2.0, 1, 0.22), _t("a2", "repeat", 2.0, 2, 0.141)]
