@@ -177,8 +177,8 @@ def test_t_quantiles_follow_the_table_between_its_rows():
 
 def test_the_verdict_pairs_runs_of_one_seed():
     """Runs of one train.seed see the same batches, so a seed's effect (shared by both sides)
-    cancels in their difference: where the best's repeats and the reference share two seeds
-    or more, the test is paired over those seeds; Welch's otherwise."""
+    cancels in their difference: where the best's repeats and the reference are one shape and
+    share three seeds or more, the test is paired over those seeds; Welch's otherwise."""
     from kd.sweep.results import compare, paired, welch
 
     # The world-v4 demo's pattern: QA moves both sides together from seed to seed, so the
@@ -212,12 +212,18 @@ def test_the_verdict_pairs_runs_of_one_seed():
     assert type(compare(big, small, "acc_mean")).__name__ == "Welch" and compare(big, small, "acc_mean").significant
     # Summaries carry each seed's value, and the verdict pairs the repeats with the reference.
     trials = [_t("a", "trial", 2.0, 0, 0.30), _t("r0", "reference", None, 0, 0.10), _t("r1", "reference", None, 1, 0.20),
-              _t("r2", "reference", None, 2, 0.12), _t("a1", "repeat", 2.0, 1, 0.22), _t("a2", "repeat", 2.0, 2, 0.141)]
+              _t("r2", "reference", None, 2, 0.12), _t("r3", "reference", None, 3, 0.15),
+              _t("a1", "repeat", 2.0, 1, 0.22), _t("a2", "repeat", 2.0, 2, 0.141), _t("a3", "repeat", 2.0, 3, 0.17)]
     s = summarize(trials, ["acc_mean"], {"acc_mean": 0.5})
-    assert s["reference"]["by_seed"]["acc_mean"] == {"0": 0.10, "1": 0.20, "2": 0.12}
-    assert "paired t = 41.00 over the 2 seeds both ran" in s["verdict"] and "needs 6.31" in s["verdict"]
+    assert s["reference"]["by_seed"]["acc_mean"] == {"0": 0.10, "1": 0.20, "2": 0.12, "3": 0.15}
+    d = [0.02, 0.021, 0.02]
+    t = (sum(d) / 3) / (__import__("statistics").stdev(d) / 3 ** 0.5)
+    assert f"paired t = {t:.2f} over the 3 seeds both ran" in s["verdict"] and "needs 2.92" in s["verdict"]
     assert "beats the CE-only reference" in s["verdict"]
-    assert "by 0.0205" in s["verdict"]  # the mean difference over the paired seeds
+    assert "by 0.0203" in s["verdict"]  # the mean difference over the paired seeds
+    # Two shared seeds are one degree of freedom: Welch's over the sides instead.
+    two = summarize([t_ for t_ in trials if t_["trial_id"] not in ("r3", "a3")], ["acc_mean"], {"acc_mean": 0.5})
+    assert "Welch's t = " in two["verdict"] and "paired" not in two["verdict"]
 
 
 def _t(tid, role, temp, seed, acc, status="FINISHED"):

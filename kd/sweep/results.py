@@ -151,7 +151,7 @@ def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, re
     """One plain sentence: what the sweep found and how sure it is, from the entries.
 
     "Beats" only when a one-sided t-test over the seeds says so at 95% (:func:`compare`):
-    paired over the seeds both sides ran where they are one shape and share two or more
+    paired over the seeds both sides ran where they are one shape and share three or more
     (:func:`paired`), else
     Welch's (:func:`welch`: with 2 seeds a side the mean difference must be ~2.9 times its
     standard error, with 3 ~2.1). One seed on either side leaves the spread unknown, and
@@ -316,18 +316,25 @@ def paired(a: dict, b: dict, m: str, sign: int = 1) -> Paired | None:
     return Paired(mean / (sd / math.sqrt(n)), n - 1, t95(n - 1), n, mean)
 
 
+#: Fewest shared seeds for the paired test: with two pairs it has one degree of freedom
+#: (t > 6.31), and Welch's over 2 and 3 seeds is then the stronger test (loss-weight demo:
+#: paired t = 6.22 for a 0.034 gap that every seed showed).
+MIN_PAIRS = 3
+
+
 def compare(a: dict, b: dict, m: str, sign: int = 1) -> Paired | Welch | None:
     """The test the verdict uses: paired where ``a`` and ``b`` are one student shape and share
-    two seeds or more, else Welch's.
+    :data:`MIN_PAIRS` seeds or more, else Welch's.
 
-    The rule is fixed by the design, never by which test says more: a seed's effect is
-    shared by two students of one shape (the same initialisation and batches), which
-    pairing removes; students of different shapes start from different weights, so little
-    of it is shared, and over two pairs (1 degree of freedom: t > 6.31) a paired test would
-    only lose power. On the size demo a 0.14 gap over 2 pairs had paired t = 6.09.
+    The rule is fixed by the design (shapes and seed counts), never by which test says
+    more: a seed's effect is shared by two students of one shape (the same initialisation
+    and batches), which pairing removes; students of different shapes start from
+    different weights, so little of it is shared (size demo: a 0.14 gap over 2 pairs had
+    paired t = 6.09, Welch's t = 8.80).
     """
     same_shape = not _other_shape(a.get("config", {}), b.get("config", {}))
-    return (paired(a, b, m, sign) if same_shape else None) or welch(a, b, m, sign)
+    test = paired(a, b, m, sign) if same_shape else None
+    return test if test is not None and test.n >= MIN_PAIRS else welch(a, b, m, sign)
 
 
 def _other_shape(config: dict[str, Any], reference: dict[str, Any]) -> str:
