@@ -310,17 +310,18 @@ def _seed_rows(df, metrics: list[str], knobs: list[str]) -> list[list[str]]:
         role = "reference" if (g.get("role") == "reference").any() else "searched"
         if role != "reference" and len(g) < 2:
             continue
-        cells = []
-        for m in metrics:
-            col = g[m].dropna() if m in g.columns else []
-            cells.append("-" if not len(col) else fmt(col.mean()) + (f" ± {fmt(col.std())}" if len(col) > 1 else ""))
+        cells = [_mean_pm(g[m].dropna() if m in g.columns else []) for m in metrics]
         # The verdict tests a searched configuration on the seeds run after the search
         # picked it (the picked run's score leans upward): give those apart too.
         repeats = g[g["role"] == "repeat"][metrics[0]].dropna() if "role" in g.columns else []
-        after = "-" if not len(repeats) else (fmt(repeats.mean()) + (f" ± {fmt(repeats.std())}" if len(repeats) > 1
-                                                                     else "") + f" ({len(repeats)})")
+        after = _mean_pm(repeats) + (f" ({len(repeats)})" if len(repeats) else "")
         rows.append([run_label(g.iloc[0], seed=False), role,
                      str(len(g)), *cells, after])
     return rows
 
 
+def _mean_pm(values) -> str:
+    """``mean ± std`` of a column of seeds (``mean`` alone for one, ``-`` for none)."""
+    if not len(values):
+        return "-"
+    return fmt(values.mean()) + (f" ± {fmt(values.std())}" if len(values) > 1 else "")

@@ -35,8 +35,8 @@ SPEC = SweepSpec(
     points=[{"loss.temperature": 2.0}],
     # The main job's answer is "does the best T beat CE-only by more than the seed spread":
     # 4 seeds each for the best T and the reference, so that 3 seeds run after the search
-    # picked the best pair up with the reference's (a paired test over 2 pairs needs t > 6.3,
-    # over 3 pairs 2.9; BENCHMARKS.md). 2 seeds gave opposite verdicts in two runs.
+    # picked the best pair up with the reference's: the paired test needs 3 pairs (over 2 it
+    # would need t > 6.3; kd.sweep.results.MIN_PAIRS). 2 seeds gave opposite verdicts in two runs.
     repeats={"demo": 4},
 )
 

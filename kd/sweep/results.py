@@ -186,10 +186,9 @@ def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, re
         tested = fresh
         text += f", {_pm(fresh, m)} on the seeds run after the search picked it"
     if reference and m in reference["mean"]:
-        diff = sign * (tested["mean"][m] - reference["mean"][m])
         test = compare(tested, reference, m, sign)
-        if isinstance(test, Paired):
-            diff = test.diff  # over the seeds both ran, which is what was tested
+        # What was tested (a paired test: over the seeds both ran), else the means' difference.
+        diff = test.diff if test is not None else sign * (tested["mean"][m] - reference["mean"][m])
         shape = _other_shape(best["config"], reference["config"])
         ref = f"the CE-only reference{' at ' + shape if shape else ''} ({_pm(reference, m)})"
         if test is None:
@@ -238,23 +237,43 @@ def t95(df: float) -> float:
 
 
 @dataclass(frozen=True)
-class Welch:
-    """A one-sided Welch t-test of ``a`` above ``b`` (in the objective's direction)."""
+class _OneSided:
+    """A one-sided t-test at 95% of ``a`` above ``b`` (in the objective's direction)."""
 
     t: float
     df: float
-    needed: float
-    n_a: int
-    n_b: int
+    diff: float
+    """The mean difference tested."""
+
+    @property
+    def needed(self) -> float:
+        return t95(self.df)
 
     @property
     def significant(self) -> bool:
         return self.t > self.needed
 
+    def _t_text(self) -> str:
+        return "inf" if math.isinf(self.t) else f"{self.t:.2f}"
+
+
+def _t_stat(diff: float, se: float) -> float:
+    """``diff / se``; with no spread at all (identical values) the difference is all there is."""
+    if se == 0:
+        return math.inf if diff > 0 else -math.inf if diff < 0 else 0.0
+    return diff / se
+
+
+@dataclass(frozen=True)
+class Welch(_OneSided):
+    """Welch's test over the two sides' seeds."""
+
+    n_a: int
+    n_b: int
+
     def text(self) -> str:
-        t = "inf" if math.isinf(self.t) else f"{self.t:.2f}"
-        return (f"Welch's t = {t} over {self.n_a} and {self.n_b} seeds, where a one-sided 95% test needs "
-                f"{self.needed:.2f}")
+        return (f"Welch's t = {self._t_text()} over {self.n_a} and {self.n_b} seeds, where a one-sided 95% test "
+                f"needs {self.needed:.2f}")
 
 
 def welch(a: dict, b: dict, m: str, sign: int = 1) -> Welch | None:
@@ -266,31 +285,19 @@ def welch(a: dict, b: dict, m: str, sign: int = 1) -> Welch | None:
     va, vb = a["std"][m] ** 2 / na, b["std"][m] ** 2 / nb
     diff = sign * (a["mean"][m] - b["mean"][m])
     se = math.sqrt(va + vb)
-    if se == 0:  # identical seeds on both sides: the difference is all there is
-        return Welch(math.inf if diff > 0 else -math.inf if diff < 0 else 0.0, math.inf, t95(math.inf), na, nb)
-    df = (va + vb) ** 2 / ((va**2 / (na - 1) if va else 0.0) + (vb**2 / (nb - 1) if vb else 0.0))
-    return Welch(diff / se, df, t95(df), na, nb)
+    df = math.inf if se == 0 else (va + vb) ** 2 / ((va**2 / (na - 1) if va else 0.0) + (vb**2 / (nb - 1) if vb else 0.0))
+    return Welch(_t_stat(diff, se), df, diff, na, nb)
 
 
 @dataclass(frozen=True)
-class Paired:
-    """A one-sided paired t-test of ``a`` above ``b`` over the ``n`` seeds both ran."""
+class Paired(_OneSided):
+    """A paired test over the ``n`` seeds both sides ran."""
 
-    t: float
-    df: float
-    needed: float
     n: int
-    diff: float
-    """The mean difference over those seeds."""
-
-    @property
-    def significant(self) -> bool:
-        return self.t > self.needed
 
     def text(self) -> str:
-        t = "inf" if math.isinf(self.t) else f"{self.t:.2f}"
-        return (f"paired t = {t} over the {self.n} seeds both ran (the same batches per seed), where a "
-                f"one-sided 95% test needs {self.needed:.2f}")
+        return (f"paired t = {self._t_text()} over the {self.n} seeds both ran (the same batches per seed), "
+                f"where a one-sided 95% test needs {self.needed:.2f}")
 
 
 def paired(a: dict, b: dict, m: str, sign: int = 1) -> Paired | None:
@@ -309,11 +316,8 @@ def paired(a: dict, b: dict, m: str, sign: int = 1) -> Paired | None:
     if len(common) < 2:
         return None
     d = [sign * (sa[k] - sb[k]) for k in common]
-    mean, sd = statistics.fmean(d), statistics.stdev(d)
-    n = len(d)
-    if sd == 0:
-        return Paired(math.inf if mean > 0 else -math.inf if mean < 0 else 0.0, n - 1, t95(n - 1), n, mean)
-    return Paired(mean / (sd / math.sqrt(n)), n - 1, t95(n - 1), n, mean)
+    n, mean = len(d), statistics.fmean(d)
+    return Paired(_t_stat(mean, statistics.stdev(d) / math.sqrt(n)), n - 1, mean, n)
 
 
 #: Fewest shared seeds for the paired test: with two pairs it has one degree of freedom
