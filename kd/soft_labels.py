@@ -220,7 +220,7 @@ class TopKTeacher:
                  threads: int = 0, device: str = "auto", trust_remote_code: bool = False,
                  betas: tuple[float, ...] | None = None, tail_samples: int = 0,
                  proposal_temperature: float = 4.0):
-        from kd.device import pick_device, use_threads
+        from kd.device import pick_device, use_fast_attention, use_threads
         from kd.models import load_pretrained
 
         if not isinstance(blocks, torch.Tensor):  # an ObjectRef shipped to a Ray actor
@@ -235,6 +235,7 @@ class TopKTeacher:
         model, _ = load_pretrained(teacher_source, trust_remote_code=trust_remote_code)
         # Frozen: eval() so the targets are deterministic (no dropout), no_grad in __call__.
         self.model = model.to(self.device).eval()
+        use_fast_attention(self.model, self.device, int(blocks.shape[1]) - 1)
         self.index_dtype = _index_dtype(n_vocab)
 
     @torch.no_grad()

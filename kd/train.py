@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from kd.cache import building_dir
 from kd.config import LossConfig, TrainConfig
-from kd.device import autocast_for, pick_device, use_threads
+from kd.device import autocast_for, pick_device, use_fast_attention, use_threads
 from kd.models import logits_for
 from kd.step import compiled, should_compile, step_loss
 
@@ -250,6 +250,7 @@ def train(
     use_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = hooks.device or pick_device(cfg.device)
+    use_fast_attention(model, device, train_blocks.shape[1] - 1)  # before DDP or compile wrap it
     model = hooks.wrap_model(model.to(device))
     model.train()
     opt = _optimizer(model, cfg)
