@@ -132,7 +132,7 @@ def use_fast_attention(model: torch.nn.Module, device: torch.device, seq_len: in
 
     CPU and at most :data:`CPU_EAGER_ATTENTION_MAX_LEN` positions: ``eager``; otherwise
     the model's own choice (``sdpa`` by default, flash kernels on GPUs). The two compute
-    the same attention (logits equal to 1e-6 in fp32, tests/test_device.py); the choice is
+    the same attention (logits and gradients equal to 1e-5 in fp32, tests/test_device.py); the choice is
     not saved with the model (``save_pretrained`` leaves it out of config.json).
     """
     config = getattr(model, "config", None)
