@@ -201,7 +201,7 @@ class TrainConfig:
     compile: str = "auto"
     """``torch.compile`` the student's forward with the loss as one graph: ``true``,
     ``false``, or ``auto`` (compile when the run has enough steps to repay the compile
-    time; see :mod:`kd.compiled`). Falls back to eager with one warning line if it fails."""
+    time; see :mod:`kd.step`). Falls back to eager with one warning line if it fails."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import time
 
 import torch
@@ -112,7 +113,17 @@ def use_compile_cache() -> str:
     warm a new process pays about 3 s, so every trial of a sweep after the first, and every
     later sweep, reuses the kernels (a user's own ``TORCHINDUCTOR_CACHE_DIR`` wins).
     """
-    path = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # Inductor writes its fallback (/tmp/torchinductor_<user>) into the variable the first
+    # time it asks, and importing torch._dynamo asks (transformers imports it before any
+    # run compiles), so that value is torch's own choice, not a user's: replace it too.
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+        if current is not None and "torch._inductor.utils" in sys.modules:
+            sys.modules["torch._inductor.utils"].clear_caches()  # paths it memoised under the old one
+    path = os.environ["TORCHINDUCTOR_CACHE_DIR"]
     os.makedirs(path, exist_ok=True)
     return path
 

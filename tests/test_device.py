@@ -1,7 +1,10 @@
-"""kd.device.use_fast_attention: the faster attention kernel for short blocks on a CPU,
-computing the same attention, and not saved with the model."""
+"""kd.device: the faster attention kernel for short blocks on a CPU (the same attention,
+not saved with the model), and inductor's kernels cached under the project's cache."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -60,3 +63,30 @@ def test_the_choice_is_not_saved_with_the_model(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert "eager" not in json.dumps(config)
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+
+
+def test_compiled_kernels_land_in_the_project_cache_after_torch_chose_its_own(tmp_path):
+    # A fresh process as a user starts it: no TORCHINDUCTOR_CACHE_DIR, and torch._dynamo
+    # imported first (transformers does), which writes inductor's /tmp fallback into the
+    # variable; a compile must still write its kernels under the project's cache.
+    script = (
+        "import os, torch, torch._dynamo\n"
+        "assert os.environ['TORCHINDUCTOR_CACHE_DIR'] != os.environ['KD_CACHE_DIR']\n"
+        "from kd.step import compiled\n"
+        "fn = compiled(lambda x, y, t: (x * 2 + y).sum())\n"
+        "print(float(fn(torch.ones(4), torch.ones(4), {})), os.environ['TORCHINDUCTOR_CACHE_DIR'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["KD_CACHE_DIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    value, used = out.stdout.split()
+    assert float(value) == 12.0 and used == str(tmp_path / "inductor")
+    assert any(p.is_file() for p in (tmp_path / "inductor").rglob("*"))  # kernels written there
+
+
+def test_a_users_own_inductor_cache_wins(tmp_path, monkeypatch):
+    from kd.device import use_compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_compile_cache() == str(tmp_path / "mine")
