@@ -350,11 +350,12 @@ def test_credentials_never_leave_the_environment(monkeypatch, tmp_path):
         resolve_store("http://bob:pw@127.0.0.1:5000")
 
 
-def test_the_main_job_reruns_its_best_and_reference_with_four_seeds():
-    """Two seeds' std is itself noise: the temperature demo's verdict rests on 4 seeds each
-    (3 after the pick, paired with the reference's: a paired test over 2 pairs needs t > 6.3),
-    the other single-objective demos on 3 (their verdict tests the 2 seeds after the pick);
-    the Pareto demo and other presets keep the preset's count, and --help says which."""
+def test_the_main_job_reruns_its_best_on_four_more_seeds():
+    """Two seeds' std is itself noise: the temperature demo's verdict rests on 4 repeats of
+    the best after the pick, paired with the reference's 4 runs of the same seeds (a paired
+    test over 2 pairs needs t > 6.3), the other single-objective demos on 3 seeds (their
+    verdict tests the 2 seeds after the pick); the Pareto demo and other presets keep the
+    preset's count, and --help says which."""
     import importlib.util
 
     from kd.sweep.spec import PRESET_REPEATS
@@ -365,11 +366,47 @@ def test_the_main_job_reruns_its_best_and_reference_with_four_seeds():
         module = importlib.util.module_from_spec(mod)
         mod.loader.exec_module(module)
         specs[name] = module.SPEC
-    assert specs["temperature"].repeats_for("demo") == 4
+    assert specs["temperature"].repeats_for("demo") == 5
     assert specs["temperature"].repeats_for("smoke") == PRESET_REPEATS["smoke"]
     # the single-objective demos test their best's repeats: 3 seeds leave 2 after the pick
     assert specs["loss_weight"].repeats_for("demo") == specs["student_size"].repeats_for("demo") == 3
     assert specs["pareto"].repeats_for("demo") == PRESET_REPEATS["demo"] == 2
     out = subprocess.run([sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--help"], capture_output=True,
                          text=True, cwd=ROOT, timeout=120).stdout
-    assert "smoke=1, demo=4, full=3" in " ".join(out.split())
+    assert "smoke=1, demo=5, full=3" in " ".join(out.split())
+
+
+def _finished(tid, role, seed, temp=None):
+    return {"trial_id": tid, "role": role, "status": "FINISHED", "run_id": tid, "seed": seed,
+            "params": {} if temp is None else {"loss.temperature": temp}, "metrics": {"acc_mean": temp or 0.1}}
+
+
+@pytest.mark.parametrize(("repeats", "reference", "best"), [
+    (5, [1, 2, 3, 4], [1, 2, 3, 4]),  # the main job: 4 pairs, 8 runs (4 waves of 2)
+    (4, [1, 2, 3], [1, 2, 3]),        # 3 pairs: the paired test's least
+    (3, [0, 1, 2], [1, 2]),           # too few pairs: seed 0 gives the reference its spread
+    (2, [0, 1], [1]),
+    (1, [0], []),
+])
+def test_the_reference_runs_the_seeds_the_best_repeats(repeats, reference, best):
+    from kd.config import KDConfig
+    from kd.sweep.finalists import reference_seeds, variants
+
+    assert reference_seeds(0, repeats) == reference
+    trials = [_finished("t1", "trial", 0, 2.0), _finished("t2", "trial", 0, 8.0)]
+    out = variants(trials, ["acc_mean"], KDConfig(), repeats=repeats)
+    seeds = {role: [v["overrides"]["train.seed"] for v in out if v["role"] == role] for role in ("reference", "repeat")}
+    assert seeds == {"reference": reference, "repeat": best}
+    assert all(v["overrides"]["loss.temperature"] == 8.0 for v in out if v["role"] == "repeat")
+    assert all(v["overrides"]["loss.kd_weight"] == 0.0 for v in out if v["role"] == "reference")
+
+
+def test_a_searched_reference_is_not_run_again():
+    # loss_weight searches kd_weight = 0: that seed-0 trial is the reference's first seed
+    from kd.config import KDConfig
+    from kd.sweep.finalists import variants
+
+    trials = [_finished("r0", "reference", 0), _finished("t1", "trial", 0, 2.0)]
+    out = variants(trials, ["acc_mean"], KDConfig(), repeats=3)
+    assert [(v["role"], v["of"], v["overrides"]["train.seed"]) for v in out] == [
+        ("reference", "r0", 1), ("reference", "r0", 2), ("repeat", "t1", 1), ("repeat", "t1", 2)]

@@ -5,8 +5,8 @@ joined with our own MLflow child runs (the status we wrote: FINISHED, FAILED, or
 with ``kd.stopped`` for an early-stopped trial).
 
 The finalists phase runs, as one grid of fixed *variants* (no searcher, no pruning):
-the CE-only reference (``loss.kd_weight=0`` at the base config's shape and budget) with
-``repeats`` seeds in total, and the best configuration (one objective) or every front
+the CE-only reference (``loss.kd_weight=0`` at the base config's shape and budget) on the
+seeds of :func:`reference_seeds`, and the best configuration (one objective) or every front
 member (several) with ``repeats - 1`` more seeds. A sweep that searches kd_weight already
 has its CE-only point among the trials: that trial is the reference.
 """
@@ -17,7 +17,7 @@ import re
 from typing import Any
 
 from kd.config import KDConfig
-from kd.sweep.results import best_trial, front_trials
+from kd.sweep.results import MIN_PAIRS, best_trial, front_trials
 from kd.sweep.spec import META, VARIANT, trial_config
 
 MAX_FRONT = 6  # front members re-run with seeds (a large front would double the sweep)
@@ -73,6 +73,22 @@ def mark_references(trials: list[dict[str, Any]], tracker) -> None:
             tracker.client.set_tag(t["run_id"], "kd.role", "reference")
 
 
+def reference_seeds(seed0: int, repeats: int) -> list[int]:
+    """The CE-only reference's seeds: those of the finalists' repeats (``seed0 + 1`` to
+    ``seed0 + repeats - 1``), and ``seed0`` too while they are fewer than the paired test's
+    :data:`~kd.sweep.results.MIN_PAIRS`.
+
+    The verdict pairs the reference with the best's repeats seed by seed; the best's own
+    ``seed0`` run is left out of it (the search picked it for scoring high), so the
+    reference's ``seed0`` run has no partner. Once the repeats alone give the paired test
+    its pairs, the reference runs exactly their seeds: on 2 trial slots, 4 repeats and a
+    reference on the same 4 seeds take the 4 waves that 3 repeats and a reference of
+    seeds 0-3 took, with 4 pairs instead of 3.
+    """
+    paired = list(range(seed0 + 1, seed0 + max(repeats, 1)))
+    return paired if len(paired) >= MIN_PAIRS else [seed0, *paired]
+
+
 def variants(trials: list[dict[str, Any]], objectives: list[str], base: KDConfig, *, repeats: int,
              references: bool = True, anchor: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The finalist runs: ``{"role", "of", "overrides"}`` each (JSON, kept in sweep.json).
@@ -87,9 +103,11 @@ def variants(trials: list[dict[str, Any]], objectives: list[str], base: KDConfig
     if references:
         done = [t for t in trials if t["role"] == "reference" and t["status"] == "FINISHED"]
         of = done[0]["trial_id"] if done else ""
-        for i in range(len(done), max(repeats, 1)):
-            out.append({"role": "reference", "of": of,
-                        "overrides": {**shape, "loss.kd_weight": 0.0, "train.seed": seed0 + i}})
+        ran = {t["seed"] for t in done}
+        for seed in reference_seeds(seed0, repeats):
+            if seed not in ran:
+                out.append({"role": "reference", "of": of,
+                            "overrides": {**shape, "loss.kd_weight": 0.0, "train.seed": seed}})
     if repeats > 1:
         if len(objectives) == 1:
             best = best_trial(trials, objectives[0])
