@@ -207,7 +207,6 @@ def logits_for(model: torch.nn.Module, input_ids: torch.Tensor, n_vocab: int) ->
     tokens, and leaving them in would put probability mass on ids the data never has.
     Shape: ``(B, T) -> (B, T, n_vocab)``.
     """
-    # No KV cache: nothing here decodes token by token, and each layer filling its own
-    # cache entry made a compiled layer recompile for every layer index (kd.step).
+    # No KV cache: nothing here decodes token by token, so building one is wasted work.
     logits = model(input_ids=input_ids, use_cache=False).logits
     return logits[..., :n_vocab]

@@ -72,20 +72,16 @@ def test_compiled_kernels_land_in_the_project_cache_after_torch_chose_its_own(tm
     script = (
         "import os, torch, torch._dynamo\n"
         "assert os.environ['TORCHINDUCTOR_CACHE_DIR'] != os.environ['KD_CACHE_DIR']\n"
-        "from transformers import GPT2Config, GPT2LMHeadModel\n"
-        "from kd.config import LossConfig\n"
-        "from kd.step import compiled_step\n"
-        "model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=8))\n"
-        "fn = compiled_step(model, 32, LossConfig(kd_weight=0.0), torch.device('cpu'), 'fp32')\n"
-        "ids = torch.randint(0, 32, (2, 8))\n"
-        "print(float(fn(ids, ids, {}).loss), os.environ['TORCHINDUCTOR_CACHE_DIR'])\n"
+        "from kd.step import compiled\n"
+        "fn = compiled(lambda x, y, t: (x * 2 + y).sum())\n"
+        "print(float(fn(torch.ones(4), torch.ones(4), {})), os.environ['TORCHINDUCTOR_CACHE_DIR'])\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env["KD_CACHE_DIR"] = str(tmp_path)
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "torch.compile failed" not in out.stderr, out.stderr[-2000:]
-    value, used = out.stdout.split()[-2:]
-    assert float(value) > 0 and used == str(tmp_path / "inductor")
+    assert out.returncode == 0, out.stderr[-2000:]
+    value, used = out.stdout.split()
+    assert float(value) == 12.0 and used == str(tmp_path / "inductor")
     assert any(p.is_file() for p in (tmp_path / "inductor").rglob("*"))  # kernels written there
 
 

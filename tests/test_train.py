@@ -136,37 +136,6 @@ def test_compiled_step_trains_like_the_eager_one(setup):
         assert out["true"][key] == pytest.approx(out["false"][key], rel=1e-3), key
 
 
-def test_the_repeated_block_is_compiled_once_for_every_layer_and_only_for_the_step(setup):
-    # Regional compilation: one graph for the layer (reused by all three) and one for the
-    # loss, equal values and gradients, and the blocks eager again outside the step.
-    from torch._dynamo.utils import counters
-
-    from kd.step import compiled_step, repeated_blocks, step_loss
-
-    tok, tr, _ = setup
-    model = make_model(tok, n_layer=3, n_embd=32, seed=8)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    blocks = repeated_blocks(model)
-    assert blocks == list(model.transformer.h)
-    ids, loss_cfg, cpu = tr[:4, :-1], LossConfig(kd_weight=0.0), torch.device("cpu")
-    grads = {}
-    for name, make in (("eager", step_loss), ("compiled", compiled_step)):
-        counters.clear()
-        model.zero_grad()
-        parts = make(model, len(tok), loss_cfg, cpu, "fp32")(ids, tr[:4, 1:], {})
-        parts.loss.backward()
-        grads[name] = (float(parts.loss.detach()), [p.grad.clone() for p in model.parameters()])
-        if name == "compiled":
-            assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
-    torch._dynamo.reset()
-    assert grads["compiled"][0] == pytest.approx(grads["eager"][0], rel=1e-5)
-    for a, b in zip(grads["compiled"][1], grads["eager"][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert all(b._compiled_call_impl is None for b in blocks)
-
-
 def test_a_failing_compile_falls_back_to_eager_with_one_warning(setup, capfd, monkeypatch):
     # No working C++ compiler for inductor's CPU kernels: one warning line, then eager.
     import torch._inductor.config as inductor_config
