@@ -166,7 +166,7 @@ def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> KDConfig:
 #:        started from the teacher (evenly spaced layers as DistilBERT and DistilGPT2 were,
 #:        the leading slice of each weight when narrower: kd.models.build_student) so that
 #:        they learn inside the main job's budget: the whole temperature sweep, teacher
-#:        training on first use included, takes 11-15 minutes on 2 Zen 4 cores and 24-26 on
+#:        training on first use included, takes 11-15 minutes on 2 Zen 4 cores and 23.6-26 on
 #:        2 AVX2 cores, where everything runs in fp32 (BENCHMARKS.md).
 #: full:  the default world with the teacher trained twice as long; students at the
 #:        teacher's token budget (students compare fairly only at equal token budgets).
