@@ -59,7 +59,7 @@ from torch import Tensor
 
 from kd.compact import bucket_log_probs, interpolate, sampled_targets
 from kd.losses_chunked import chunked_loss, should_chunk
-from kd.losses_fused import FusedForwardKL
+from kd.losses_fused import FusedForwardKL, known
 
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")  # = kd.config.DIVERGENCES
@@ -231,10 +231,13 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_IND
     return FusedForwardKL.apply(logits.reshape(-1, logits.shape[-1]), labels, None, None, None, 1.0, 0.0, None, None)[1]
 
 
-def _check_args(temperature: float, kd_weight: float, divergence: str, jsd_beta: float, skew_alpha: float) -> None:
-    if not temperature > 0:
+def _check_args(temperature: float | Tensor, kd_weight: float | Tensor, divergence: str, jsd_beta: float,
+                skew_alpha: float) -> None:
+    # A 0-d tensor is a compiled step's runtime scalar (kd.step), checked as a float there:
+    # reading its value here would break the traced graph.
+    if not isinstance(temperature, Tensor) and not temperature > 0:
         raise ValueError(f"temperature={temperature!r} is not allowed: must be > 0")
-    if not 0.0 <= kd_weight <= 1.0:
+    if not isinstance(kd_weight, Tensor) and not 0.0 <= kd_weight <= 1.0:
         raise ValueError(f"kd_weight={kd_weight!r} is not allowed: must be in [0, 1]")
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence={divergence!r} is not allowed: choose one of {', '.join(DIVERGENCES)}")
@@ -287,13 +290,13 @@ def _teacher_student_log_probs(
 
 def _check_targets(student_logits: Tensor, labels: Tensor, teacher_logits: Tensor | None,
                    topk_indices: Tensor | None, topk_values: Tensor | None, topk_tail_lse: Tensor | None,
-                   kd_weight: float) -> None:
+                   kd_weight: float | Tensor) -> None:
     if student_logits.shape[:-1] != labels.shape:
         raise ValueError(
             f"student_logits {tuple(student_logits.shape)} and labels {tuple(labels.shape)} do not line up: "
             "expected logits (B, T, V) and labels (B, T)"
         )
-    if kd_weight == 0:
+    if known(kd_weight, 0):
         return
     sparse = topk_indices is not None or topk_values is not None
     if teacher_logits is None and not sparse:
@@ -336,8 +339,8 @@ def distillation_loss(
     tail_sample_indices: Tensor | None = None,
     tail_sample_values: Tensor | None = None,
     proposal_temperature: float | None = None,
-    temperature: float,
-    kd_weight: float,
+    temperature: float | Tensor,
+    kd_weight: float | Tensor,
     divergence: str = "forward_kl",
     jsd_beta: float = 0.5,
     skew_alpha: float = 0.1,
@@ -365,8 +368,11 @@ def distillation_loss(
             them the tail's shape is estimated by importance weights (forward KL only).
         tail_sample_values: the teacher's raw logits at those ids (B, T, S).
         proposal_temperature: the temperature the samples were drawn at.
-        temperature: T > 0, applied to teacher and student alike.
-        kd_weight: in [0, 1]; 0 never reads the teacher tensors (they may be None).
+        temperature: T > 0, applied to teacher and student alike. A 0-d tensor (a
+            compiled step's runtime input, :mod:`kd.step`) is taken as it is, unchecked,
+            except with the compact format's tail, whose grid lookup needs a float.
+        kd_weight: in [0, 1]; 0 never reads the teacher tensors (they may be None). A 0-d
+            tensor likewise, and is taken as above 0.
         divergence: one of :data:`DIVERGENCES`.
         jsd_beta: teacher weight in the JSD mixture, in (0, 1).
         skew_alpha: teacher weight in the skew-KL mixture, in [0, 1).
@@ -388,13 +394,19 @@ def distillation_loss(
             (different vocabularies, token ids past V).
     """
     _check_args(temperature, kd_weight, divergence, jsd_beta, skew_alpha)
+    if isinstance(temperature, Tensor) and topk_tail_lse is not None:
+        raise ValueError("temperature as a tensor is not allowed with topk_tail_lse: the compact grid's "
+                         "interpolation needs it as a float")
+    # Runtime scalars in the loss's own precision, as a Python float is used there.
+    temperature = temperature.float() if isinstance(temperature, Tensor) else temperature
+    kd_weight = kd_weight.float() if isinstance(kd_weight, Tensor) else kd_weight
     _check_targets(student_logits, labels, teacher_logits, topk_indices, topk_values, topk_tail_lse, kd_weight)
     vocab = student_logits.shape[-1]
     n = labels.numel()
     student = student_logits.reshape(n, vocab)
     labels = labels.reshape(-1)
     teacher = idx = val = tail = target = sample_log_r = None
-    if kd_weight > 0:
+    if not known(kd_weight, 0):
         keep = labels != IGNORE_INDEX
         teacher = None if teacher_logits is None else teacher_logits.reshape(n, vocab)
         if topk_indices is not None:
@@ -457,7 +469,8 @@ def _check_ids(idx: Tensor, vocab: int) -> None:
 
 
 def loss_rows(student: Tensor, labels: Tensor, teacher: Tensor | None, idx: Tensor | None, val: Tensor | None,
-              tail: Tensor | None, temperature: float, kd_weight: float, divergence: str, jsd_beta: float,
+              tail: Tensor | None, temperature: float | Tensor, kd_weight: float | Tensor, divergence: str,
+              jsd_beta: float,
               skew_alpha: float, count: Tensor | None = None, target: Tensor | None = None,
               sample_log_r: Tensor | None = None) -> LossParts:
     """The loss on (N, V) rows whose targets are checked: teacher (N, V) or idx/val (N, k)
@@ -469,7 +482,7 @@ def loss_rows(student: Tensor, labels: Tensor, teacher: Tensor | None, idx: Tens
     control variate of :mod:`kd.losses_fused`."""
     if count is None:
         count = (labels != IGNORE_INDEX).sum().clamp(min=1)
-    if kd_weight == 0:  # cross-entropy only: the teacher tensors are never read
+    if known(kd_weight, 0):  # cross-entropy only: the teacher tensors are never read
         return LossParts(*FusedForwardKL.apply(student, labels, None, None, None, temperature, 0.0, None, count))
     if divergence == "forward_kl":  # Hinton's loss, the default: one fused node (kd.losses_fused)
         return LossParts(*FusedForwardKL.apply(student, labels, teacher, idx, val, temperature, kd_weight, tail,
@@ -486,6 +499,6 @@ def loss_rows(student: Tensor, labels: Tensor, teacher: Tensor | None, idx: Tens
     per_token = divergence_per_token(divergence, log_p, log_q, tail_q, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
     # The T^2 of the method: undo the 1/T^2 the tempered softmax puts on the gradients.
     kd = temperature**2 * torch.where(keep, per_token, 0.0).sum() / count
-    if kd_weight == 1:
+    if known(kd_weight, 1):
         return LossParts(kd, ce, kd)
     return LossParts((1 - kd_weight) * ce + kd_weight * kd, ce, kd)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kd.losses_fused import known
+
 #: ``chunk_tokens=None`` chunks once the logits have this many elements (256 MB in fp32):
 #: below it (the world's 16 x 127 x 2,048 = 4.2M) the unchunked fused node is as small and
 #: torch.compile sees one graph.
@@ -67,7 +69,7 @@ class _Chunked(torch.autograd.Function):
         grad = torch.empty_like(student) if want_grad else None  # (N, V), the logits' dtype
         totals = torch.zeros(3, dtype=torch.float32, device=student.device)
         temperature, kd_weight, divergence = args[:3]
-        direct = divergence == "forward_kl" or kd_weight == 0  # loss_rows' fused node: call its math
+        direct = divergence == "forward_kl" or known(kd_weight, 0)  # loss_rows' fused node: call its math
         # One pair of fp32 (rows, V) buffers serves every chunk (kd.losses_fused.forward_rows).
         work = (torch.empty((rows, student.shape[-1]), dtype=torch.float32, device=student.device),
                 torch.empty((rows, student.shape[-1]), dtype=torch.float32, device=student.device)) if direct else None

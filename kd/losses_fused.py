@@ -58,6 +58,19 @@ from torch import Tensor
 from kd.compact import bucket_log_probs
 
 
+
+def known(x: float | Tensor, value: float) -> bool:
+    """Whether ``x`` is the Python number ``value``.
+
+    The temperature and the loss weight arrive as Python floats, or as 0-d tensors from a
+    compiled training step (:mod:`kd.step`), which passes them as runtime inputs so that one
+    graph serves every trial of a sweep. A tensor is never assumed to equal anything: its
+    path is the general one (``T = 1`` then costs one more softmax, with the same result),
+    and no Python branch reads its value, which would split or break the traced graph.
+    """
+    return not isinstance(x, Tensor) and x == value
+
+
 def _kl_rows(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
     """(KL(p || q) per row, p) from log-probs; ``log_p`` is overwritten with p.
 
@@ -83,7 +96,8 @@ def _tail_mass(q: Tensor, idx: Tensor) -> Tensor:
 
 
 def forward_rows(student: Tensor, labels: Tensor, teacher: Tensor | None, idx: Tensor | None, val: Tensor | None,
-                 temperature: float, kd_weight: float, tail_lse: Tensor | None = None, count: Tensor | None = None,
+                 temperature: float | Tensor, kd_weight: float | Tensor, tail_lse: Tensor | None = None,
+                 count: Tensor | None = None,
                  target: Tensor | None = None, sample_log_r: Tensor | None = None, q_out: Tensor | None = None,
                  work: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, tuple]:
     """``(loss, ce, kd, saved)``: :class:`FusedForwardKL`'s forward without autograd.
@@ -106,9 +120,9 @@ def forward_rows(student: Tensor, labels: Tensor, teacher: Tensor | None, idx: T
     ce = torch.where(keep, -log_q.gather(-1, safe_labels).squeeze(-1), 0.0).sum() / count
     kd = torch.zeros((), dtype=torch.float32, device=s.device)
     q_t = p = ratio = sid = sample_p = None
-    if kd_weight > 0:
+    if not known(kd_weight, 0):
         T = temperature
-        if T == 1.0:
+        if known(T, 1):
             log_q_t = log_q
         elif work is None:
             log_q_t = torch.log_softmax(s / T, dim=-1)
@@ -129,7 +143,7 @@ def forward_rows(student: Tensor, labels: Tensor, teacher: Tensor | None, idx: T
         else:  # the exact teacher on k + 1 buckets
             log_p, log_p_tail = bucket_log_probs(val, tail_lse, T)  # (N, k), (N,)
             kd_rows, p = _kl_rows(log_p, log_q_t.gather(-1, idx))
-        q_t = log_q_t.exp() if T == 1.0 else log_q_t.exp_()  # T = 1: log_q is needed below
+        q_t = log_q_t.exp() if known(T, 1) else log_q_t.exp_()  # T = 1: log_q is needed below
         if tail_lse is not None:
             q_tail = _tail_mass(q_t, idx)
             p_tail = log_p_tail.exp()
@@ -148,11 +162,12 @@ def forward_rows(student: Tensor, labels: Tensor, teacher: Tensor | None, idx: T
         kd = T * T * torch.where(keep, kd_rows, 0.0).sum() / count
     q = log_q.exp_() if q_out is None else torch.exp(log_q, out=q_out)
     # Three distinct outputs (an autograd Function may not return one tensor twice).
-    loss = ce.clone() if kd_weight == 0 else kd.clone() if kd_weight == 1 else (1 - kd_weight) * ce + kd_weight * kd
+    loss = (ce.clone() if known(kd_weight, 0) else kd.clone() if known(kd_weight, 1)
+            else (1 - kd_weight) * ce + kd_weight * kd)
     return loss, ce, kd, (q, q_t, p, safe_labels, keep, count, idx, ratio, sid, sample_p)
 
 
-def backward_rows(saved: tuple, temperature: float, kd_weight: float, g_loss: Tensor | float,
+def backward_rows(saved: tuple, temperature: float | Tensor, kd_weight: float | Tensor, g_loss: Tensor | float,
                   g_ce: Tensor | float, g_kd: Tensor | float) -> Tensor:
     """The gradient wrt the student logits (fp32, in the saved softmax's buffer: ``saved``
     is spent) for output gradients ``g_loss``, ``g_ce``, ``g_kd``."""
@@ -194,7 +209,7 @@ class FusedForwardKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student: Tensor, labels: Tensor, teacher: Tensor | None, idx: Tensor | None,
-                val: Tensor | None, temperature: float, kd_weight: float,
+                val: Tensor | None, temperature: float | Tensor, kd_weight: float | Tensor,
                 tail_lse: Tensor | None = None, count: Tensor | None = None,
                 target: Tensor | None = None, sample_log_r: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         loss, ce, kd, saved = forward_rows(student, labels, teacher, idx, val, temperature, kd_weight, tail_lse,

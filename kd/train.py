@@ -29,7 +29,7 @@ from kd.cache import building_dir
 from kd.config import LossConfig, TrainConfig
 from kd.device import autocast_for, pick_device, use_fast_attention, use_threads
 from kd.models import logits_for
-from kd.step import compiled, should_compile, step_loss
+from kd.step import should_compile, step_loss
 
 Report = Callable[[dict[str, float], "str | None"], None]
 TeacherFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -260,9 +260,8 @@ def train(
         state = load_checkpoint(Path(resume_from), model, opt, sched, device)
     eval_blocks = val_blocks[: cfg.eval_blocks] if cfg.eval_blocks else val_blocks
     batches = _batches(train_blocks, cfg, hooks, state.step)
-    forward_loss = step_loss(model, n_vocab, loss_cfg, device, cfg.precision)
-    if should_compile(cfg.compile, cfg.steps - state.step, hooks.world_size):
-        forward_loss = compiled(forward_loss)
+    forward_loss = step_loss(model, n_vocab, loss_cfg, device, cfg.precision,
+                             compile=should_compile(cfg.compile, cfg.steps - state.step, hooks.world_size))
     bar = None
     if progress and hooks.rank == 0:
         from tqdm import tqdm
