@@ -12,6 +12,10 @@ that compile) inductor's kernels are built once in an untimed first run per tree
 sweep builds them before its trials; the timed runs then see what a sweep's later trials
 see. Reported per tree: the median wall time of ``distill`` (a trial without Ray's own
 bookkeeping), of its training loop (``train_time_s``), and the ratio to the first tree.
+
+``--new-temperatures`` gives every timed run a temperature no earlier run had (2.0 + 0.1 x
+its number, the same sequence for every tree), as a temperature sweep's searched trials
+have: a step that compiles the temperature into its kernels compiles them again for each.
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None, help="shared KD_CACHE_DIR (default: a new temp dir)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="change a trial setting, e.g. --set train.steps=60")
+    p.add_argument("--new-temperatures", action="store_true",
+                   help="each timed run at a temperature no earlier run had, as a sweep's trials")
     args = p.parse_args(argv)
     trees = [Path(t).resolve() for t in args.tree]
     overrides = {**DEMO_TRIAL, "train.threads": args.threads,
@@ -73,13 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warm-up {tree}: {run_trial(tree, overrides, cache)}", flush=True)
     runs: dict[Path, list[dict]] = {t: [] for t in trees}
     for r in range(args.repeats):
+        this = {**overrides, "loss.temperature": 2.1 + 0.1 * r} if args.new_temperatures else overrides
         for tree in (trees if r % 2 == 0 else trees[::-1]):
-            runs[tree].append(run_trial(tree, overrides, cache))
+            runs[tree].append(run_trial(tree, this, cache))
             print(f"  repeat {r}: {tree.name}: {runs[tree][-1]}", flush=True)
     first = trees[0]
     med = {t: {k: statistics.median(x[k] for x in runs[t]) for k in ("wall_s", "train_time_s", "tokens_per_s")}
            for t in trees}
-    print(f"\n# {len(trees)} trees, {args.repeats} repeats, {args.threads} threads, settings {overrides}")
+    temps = "; a new temperature per repeat (2.1, 2.2, ...)" if args.new_temperatures else ""
+    print(f"\n# {len(trees)} trees, {args.repeats} repeats, {args.threads} threads, settings {overrides}{temps}")
     print("\n| tree | distill wall s (median) | runs | training loop s | tokens/s | wall vs first |")
     print("| --- | ---: | --- | ---: | ---: | ---: |")
     for t in trees:

@@ -55,8 +55,8 @@ PAD_TOKEN = "<|pad|>"
 
 #: 2048 ids: the world's text is a few hundred template words plus a few hundred invented
 #: names, so 2048 gives whole words for the template vocabulary and one to three tokens per
-#: name, while the embedding matrix stays small next to the transformer (0.5M of a 4x256
-#: teacher's 3.7M parameters), so students of different depth and width differ in their
+#: name, while the embedding matrix stays small next to the transformer (0.4M of the 4x192
+#: default teacher's 2.2M parameters), so students of different depth and width differ in their
 #: transformer, and dense teacher soft labels stay cheap.
 VOCAB_SIZE = 2048
 

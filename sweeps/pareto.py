@@ -24,7 +24,7 @@ SPACE = {
     "loss.temperature": LogUniform(0.5, 20.0),
     "loss.kd_weight": Uniform(0.0, 1.0),
     "student.n_layer": Choice([1, 2, 3, 4]),
-    "student.n_embd": Choice([64, 128, 192, 256]),  # multiples of the teacher's head size (64)
+    "student.n_embd": Choice([64, 128, 192]),  # multiples of the teacher's head size (64), to its width
 }
 
 SPEC = SweepSpec(

@@ -177,7 +177,7 @@ def test_every_key_says_what_it_allows():
 
 @pytest.mark.parametrize("overrides, needle", [
     (["student.init=teacher", "student.n_embd=512"],
-     "student.n_embd=512 is not allowed: must be at most teacher.n_embd=256 when student.init=teacher"),
+     "student.n_embd=512 is not allowed: must be at most teacher.n_embd=192 when student.init=teacher"),
     (["student.init=teacher", "student.n_embd=128", "student.n_head=4"],
      "student.n_head=4 is not allowed: must keep the teacher's head size 64 when student.init=teacher"),
 ])
