@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SHAPES = ["1x64", "2x128", "3x192", "4x256"]  # n_layer x n_embd; 4x256 is the demo teacher's shape
+SHAPES = ["1x64", "2x128", "3x192", "4x256"]  # n_layer x n_embd; 4x256 was the demo teacher's shape
 
 
 def main(argv: list[str] | None = None) -> None:

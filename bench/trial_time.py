@@ -5,7 +5,7 @@
 Each ``--tree`` is a checkout of this project (its ``kd`` package is imported with
 ``PYTHONPATH=TREE``). Every repeat runs, in a fresh process per tree and alternating the
 order, what one trial of the demo temperature sweep runs: ``kd.run.distill`` on the small
-world, the 4x256 teacher of 300 steps, a 2x128 student for 150 steps at kd_weight 0.5 and
+world, the default teacher (4x192) of 300 steps, a 2x128 student for 150 steps at kd_weight 0.5 and
 T = 2, soft labels from the dense cache, the world's evaluation at the end. All trees share
 one ``KD_CACHE_DIR`` (``--cache-dir``), so the teacher, its soft labels and (for trees
 that compile) inductor's kernels are built once in an untimed first run per tree, as a

@@ -53,11 +53,10 @@ def step_loss(model: torch.nn.Module, n_vocab: int, loss_cfg: LossConfig, device
     # other divergences take the compact cache's exact k + 1 buckets without it.
     drop = () if loss_cfg.divergence == "forward_kl" else _SAMPLED_TAIL
 
-    # The temperature and the loss weight are arguments, not constants of the closure: a
-    # compiled graph then takes them as runtime scalars (dynamo leaves float arguments
-    # unspecialised), so every trial of a temperature sweep reuses one graph and its
-    # kernels from inductor's cache. Baked in as constants, each new temperature compiled
-    # its kernels again: a 2x128 student's first step took 20-25 s against 6.5 s.
+    # The temperature and the loss weight are arguments of the compiled function, not
+    # constants of its closure, so that every trial of a temperature sweep reuses one graph
+    # and its kernels from inductor's cache. Baked in as constants, each new temperature
+    # compiled every kernel again: a 2x128 student's first step took 20-26 s against 9 s.
     def core(input_ids: torch.Tensor, labels: torch.Tensor, targets: dict[str, torch.Tensor],
              temperature: float, kd_weight: float) -> LossParts:
         if drop:
@@ -72,14 +71,15 @@ def step_loss(model: torch.nn.Module, n_vocab: int, loss_cfg: LossConfig, device
 
     run = compiled(core) if compile else core
     temperature, kd_weight = float(loss_cfg.temperature), float(loss_cfg.kd_weight)
-    # As 0-d tensors, which dynamo takes as graph inputs (a Python float it specialises: it
-    # reaches a custom autograd Function and branches). CE alone keeps kd_weight = 0.0, a
-    # graph of its own that never reads a teacher; the compact format's tail keeps floats,
-    # since its grid lookup needs the temperature's value (kd.compact.interpolate).
+    # Compiled, they go in as 0-d tensors, which dynamo takes as graph inputs: a Python
+    # float argument it still specialised here (it reaches a custom autograd Function and
+    # branches), measured. CE alone keeps kd_weight = 0.0, a graph of its own that never
+    # reads a teacher; the compact format's tail keeps floats, since its grid lookup needs
+    # the temperature's value (kd.compact.interpolate); eager steps keep floats too.
     scalars = (torch.tensor(temperature, device=device), torch.tensor(kd_weight, device=device))
 
     def fn(input_ids: torch.Tensor, labels: torch.Tensor, targets: dict[str, torch.Tensor]) -> LossParts:
-        if kd_weight == 0 or "topk_tail_lse" in targets:
+        if not compile or kd_weight == 0 or "topk_tail_lse" in targets:
             return run(input_ids, labels, targets, temperature, kd_weight)
         return run(input_ids, labels, targets, *scalars)
 

@@ -41,7 +41,7 @@ def test_overrides_do_not_mutate_defaults():
         ("loss.kd_weight=-0.1", "loss.kd_weight=-0.1 is not allowed"),
         ("loss.divergence=kl", "loss.divergence='kl' is not allowed: choose one of forward_kl"),
         ("student.n_head=3", "student.n_embd=128 is not allowed: must be divisible by student.n_head=3"),
-        ("teacher.n_embd=250", "teacher.n_embd=250 is not allowed: must be divisible by teacher.n_head=4"),
+        ("teacher.n_embd=250", "teacher.n_embd=250 is not allowed: must be divisible by teacher.n_head=3"),
         ("student.n_embd=100", "student.n_embd=100 is not allowed: must be divisible by the teacher's head size 64"),
         ("data.source=/no/such/dir", "data.source='/no/such/dir' is not allowed: a local path must exist"),
         ("teacher.source=./missing-teacher", "teacher.source='./missing-teacher' is not allowed"),

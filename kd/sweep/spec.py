@@ -162,12 +162,12 @@ def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> KDConfig:
 
 #: Settings each preset fixes for every sweep; a sweep script's ``fixed`` and ``--set`` win.
 #: smoke: the tiny world, a tiny teacher and student, seconds per trial (tests, CI).
-#: demo:  the default world and the default teacher (kd/config.py, 1,000 steps), students
-#:        started from the teacher (evenly spaced layers as DistilBERT and DistilGPT2 were,
-#:        the leading slice of each weight when narrower: kd.models.build_student) so that
-#:        they learn inside the main job's budget: the whole temperature sweep, teacher
-#:        training on first use included, takes 11-15 minutes on 2 Zen 4 cores and 23.6-26 on
-#:        2 AVX2 cores, where everything runs in fp32 (BENCHMARKS.md).
+#: demo:  the default world and the default teacher (kd/config.py: 4x192, 1,000 steps),
+#:        students started from the teacher (evenly spaced layers as DistilBERT and DistilGPT2
+#:        were, the leading slice of each weight when narrower: kd.models.build_student) so
+#:        that they learn inside the main job's budget: the whole temperature sweep, teacher
+#:        training on first use included, took 18.4 minutes on 2 AVX2 cores, where everything
+#:        runs in fp32 (7.3 of them the teacher, 9.5 the 16 student runs; BENCHMARKS.md).
 #: full:  the default world with the teacher trained twice as long; students at the
 #:        teacher's token budget (students compare fairly only at equal token budgets).
 PRESETS: dict[str, dict[str, Any]] = {
