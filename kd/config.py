@@ -54,14 +54,14 @@ class TeacherConfig:
     n_embd: int = 192
     """Model width of a teacher the project trains; divisible by ``teacher.n_head``. 192
     rather than 256: 0.57x the FLOPs per token, which on a 2-core CPU without fast bf16 took
-    the main job's teacher from 11.7 to ~6.5 min, with every task family still above the
-    demo's goals and distillation still ahead of CE-only at equal budgets (BENCHMARKS.md)."""
+    the main job's teacher from 11.7 to 7.3 min, as good on the world's task sets (acc_mean
+    0.945 against 0.94-0.95), with distillation still ahead of CE-only (BENCHMARKS.md)."""
     n_head: int = 3
     """Attention heads of a teacher the project trains (3 x 64: students keep head size 64)."""
     steps: int = 1000
     """Optimizer steps for a teacher the project trains (~3.5 passes over the default world).
-    The 4x192 teacher's held-out QA grows with them: 0.39 at 600 steps, 0.60 at 900
-    (world seed 0; completion 0.62 and 0.79)."""
+    The 4x192 teacher's held-out QA grows with them: 0.39 at 600 steps, 0.60 at 900, 0.95
+    at 1,000 (world seed 0, one teacher each; completion 0.62, 0.79, 0.89)."""
     batch_size: int = 16
     """Blocks per optimizer step when the project trains the teacher."""
     lr: float = 3e-3

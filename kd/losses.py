@@ -470,8 +470,7 @@ def _check_ids(idx: Tensor, vocab: int) -> None:
 
 def loss_rows(student: Tensor, labels: Tensor, teacher: Tensor | None, idx: Tensor | None, val: Tensor | None,
               tail: Tensor | None, temperature: float | Tensor, kd_weight: float | Tensor, divergence: str,
-              jsd_beta: float,
-              skew_alpha: float, count: Tensor | None = None, target: Tensor | None = None,
+              jsd_beta: float, skew_alpha: float, count: Tensor | None = None, target: Tensor | None = None,
               sample_log_r: Tensor | None = None) -> LossParts:
     """The loss on (N, V) rows whose targets are checked: teacher (N, V) or idx/val (N, k)
     (+ tail (N,), B(1/T)); masked rows (label -100) stay in and are zeroed by weights.

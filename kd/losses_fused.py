@@ -58,7 +58,6 @@ from torch import Tensor
 from kd.compact import bucket_log_probs
 
 
-
 def known(x: float | Tensor, value: float) -> bool:
     """Whether ``x`` is the Python number ``value``.
 
