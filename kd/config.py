@@ -53,7 +53,7 @@ class TeacherConfig:
     """Transformer layers of a teacher the project trains."""
     n_embd: int = 192
     """Model width of a teacher the project trains; divisible by ``teacher.n_head``. 192
-    rather than 256: 0.57x the FLOPs per token, which on a 2-core CPU without fast bf16 took
+    rather than 256: 0.62x the FLOPs per token, which on a 2-core CPU without fast bf16 took
     the main job's teacher from 11.7 to 7.3 min, as good on the world's task sets (acc_mean
     0.945 against 0.94-0.95), with distillation still ahead of CE-only (BENCHMARKS.md)."""
     n_head: int = 3
