@@ -13,8 +13,8 @@ sweep builds them before its trials; the timed runs then see what a sweep's late
 see. Reported per tree: the median wall time of ``distill`` (a trial without Ray's own
 bookkeeping), of its training loop (``train_time_s``), and the ratio to the first tree.
 
-``--new-temperatures`` gives every timed run a temperature no earlier run had (2.0 + 0.1 x
-its number, the same sequence for every tree), as a temperature sweep's searched trials
+``--new-temperatures`` gives every timed run a temperature no earlier run had (2.1 + 0.1 x
+the repeat's index, the same for every tree), as a temperature sweep's searched trials
 have: a step that compiles the temperature into its kernels compiles them again for each.
 """
 

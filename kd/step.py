@@ -76,12 +76,12 @@ def step_loss(model: torch.nn.Module, n_vocab: int, loss_cfg: LossConfig, device
     # branches), measured. CE alone keeps kd_weight = 0.0, a graph of its own that never
     # reads a teacher; the compact format's tail keeps floats, since its grid lookup needs
     # the temperature's value (kd.compact.interpolate); eager steps keep floats too.
-    scalars = (torch.tensor(temperature, device=device), torch.tensor(kd_weight, device=device))
+    floats = (temperature, kd_weight)
+    tensors = ((torch.tensor(temperature, device=device), torch.tensor(kd_weight, device=device))
+               if compile and kd_weight else floats)
 
     def fn(input_ids: torch.Tensor, labels: torch.Tensor, targets: dict[str, torch.Tensor]) -> LossParts:
-        if not compile or kd_weight == 0 or "topk_tail_lse" in targets:
-            return run(input_ids, labels, targets, temperature, kd_weight)
-        return run(input_ids, labels, targets, *scalars)
+        return run(input_ids, labels, targets, *(floats if "topk_tail_lse" in targets else tensors))
 
     return fn
 
