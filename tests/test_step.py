@@ -78,3 +78,26 @@ def test_one_compiled_graph_serves_every_temperature():
         torch.testing.assert_close(torch.stack(list(got)), torch.stack(list(want)), rtol=1e-5, atol=1e-6)
     # Served from the cache, not merely uncounted (a disabled cache would count neither).
     assert misses[1] == 0 and hits[1] >= 1, (misses, hits)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_new_process_step_is_served_from_the_aot_cache(precision):
+    # A sweep's trials each compile the step anew (kd.step.compiled resets dynamo, as a new
+    # trial process starts without its graphs). The second build must come from
+    # AOTAutograd's on-disk cache, not trace and partition forward + backward again: torch
+    # bypasses that cache for a graph with an autocast region (bf16) or a custom autograd
+    # Function (the fused loss) unless the step marks them cacheable.
+    from torch._dynamo.utils import counters
+
+    model = _tiny_gpt2()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    targets = {"teacher_logits": torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(2))}
+    cfg = LossConfig(temperature=2.0, kd_weight=0.5)
+    seen = []
+    for _ in range(2):
+        before = dict(counters["aot_autograd"])
+        parts = step_loss(model, 64, cfg, CPU, precision, compile=True)(ids, ids, targets)
+        parts.loss.backward()
+        seen.append({k: counters["aot_autograd"][k] - before.get(k, 0)
+                     for k in ("autograd_cache_bypass", "autograd_cache_hit")})
+    assert seen[0]["autograd_cache_bypass"] == 0 and seen[1] == {"autograd_cache_bypass": 0, "autograd_cache_hit": 1}, seen
