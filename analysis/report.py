@@ -203,6 +203,9 @@ def write_report(tracking_uri: str, experiment: str, out_dir: str | os.PathLike,
               for k, v in sorted(sweep.teacher.items())]
     b.append(("table", ["metric", "teacher", "unit"], t_rows) if t_rows else
              ("p", "No teacher metrics on the parent run."))
+    caught = _label_catches_teacher(every, sweep.teacher)
+    if caught:
+        b.append(("p", caught))
 
     seeds = _seed_rows(every, list(dict.fromkeys([*objectives, "acc_mean"])), knobs)
     if seeds:
@@ -318,6 +321,32 @@ def _seed_rows(df, metrics: list[str], knobs: list[str]) -> list[list[str]]:
         rows.append([run_label(g.iloc[0], seed=False), role,
                      str(len(g)), *cells, after])
     return rows
+
+
+def _label_catches_teacher(every, teacher: dict[str, float]) -> str:
+    """A sentence naming the task metrics on which the CE-only students match or pass the
+    teacher (empty if none, or no reference ran).
+
+    Where the label alone brings students to the teacher, the teacher has nothing more to
+    give on that task, and a distillation effect there cannot show: a user reading "does not
+    beat" should know whether the teacher or the method is the limit. (It happens: the
+    teacher's held-out QA varies between teachers of one recipe, 0.69-0.96 on one world.)
+    """
+    from analysis import finished
+
+    runs = finished(every)
+    if "role" not in runs.columns:
+        return ""
+    ref = runs[runs["role"] == "reference"]
+    at = []
+    for m in (*TASK_METRICS, "acc_mean"):
+        if m in teacher and m in ref.columns and ref[m].notna().any() and ref[m].mean() >= teacher[m]:
+            at.append(f"{m} {fmt(ref[m].mean(), m)} against the teacher's {fmt(teacher[m], m)}")
+    if not at:
+        return ""
+    return ("The CE-only students, which never see the teacher, match or pass it on "
+            + "; ".join(at) + f" (mean over {int(ref['run_id'].nunique())} seeds): there the teacher "
+            "knows no more than the labels teach, so distillation has little to add on those.")
 
 
 def _mean_pm(values) -> str:

@@ -138,6 +138,24 @@ def test_seed_rows_give_the_seeds_after_the_pick_apart():
     assert rows["reference"][-1] == "-"
 
 
+def test_report_says_where_the_label_alone_reaches_the_teacher():
+    """A "does not beat" verdict means little where the teacher knows no more than the
+    labels teach: the report names the task metrics on which CE-only matches or passes it."""
+    import pandas as pd
+
+    from analysis.report import _label_catches_teacher
+
+    df = pd.DataFrame({"status": ["FINISHED"] * 4, "trial_id": list("abcd"), "run_id": [c * 32 for c in "abcd"],
+                       "role": ["trial", "reference", "reference", "reference"],
+                       "em_qa": [0.80, 0.70, 0.74, 0.78], "acc_completion": [0.8, 0.7, 0.7, 0.7],
+                       "acc_mean": [0.8, 0.70, 0.72, 0.74]})
+    said = _label_catches_teacher(df, {"em_qa": 0.69, "acc_completion": 0.83, "acc_mean": 0.75})
+    assert "em_qa 0.74 against the teacher's 0.69" in said and "3 seeds" in said
+    assert "acc_completion" not in said and "acc_mean" not in said  # the teacher is ahead on those
+    assert _label_catches_teacher(df, {"em_qa": 0.9, "acc_mean": 0.9}) == ""
+    assert _label_catches_teacher(df[df["role"] != "reference"], {"em_qa": 0.1}) == ""  # no reference ran
+
+
 def test_pareto_table_and_teacher_are_mlflows(report, store):
     client = MlflowClient(store.tracking_uri)
     t = tables(report.read_text())
