@@ -340,7 +340,9 @@ def _label_catches_teacher(every, teacher: dict[str, float]) -> str:
     ref = runs[runs["role"] == "reference"]
     at = []
     for m in (*TASK_METRICS, "acc_mean"):
-        if m in teacher and m in ref.columns and ref[m].notna().any() and ref[m].mean() >= teacher[m]:
+        # A perfect teacher is no weak one: students level with it there say nothing.
+        if m in teacher and teacher[m] < 1.0 and m in ref.columns and ref[m].notna().any() \
+                and ref[m].mean() >= teacher[m]:
             at.append(f"{m} {fmt(ref[m].mean(), m)} against the teacher's {fmt(teacher[m], m)}")
     if not at:
         return ""

@@ -153,6 +153,7 @@ def test_report_says_where_the_label_alone_reaches_the_teacher():
     assert "em_qa 0.74 against the teacher's 0.69" in said and "3 seeds" in said
     assert "acc_completion" not in said and "acc_mean" not in said  # the teacher is ahead on those
     assert _label_catches_teacher(df, {"em_qa": 0.9, "acc_mean": 0.9}) == ""
+    assert _label_catches_teacher(df.assign(acc_choice=1.0), {"acc_choice": 1.0, "em_qa": 0.9}) == ""  # a ceiling
     assert _label_catches_teacher(df[df["role"] != "reference"], {"em_qa": 0.1}) == ""  # no reference ran
 
 
