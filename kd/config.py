@@ -66,6 +66,9 @@ class TeacherConfig:
     """Blocks per optimizer step when the project trains the teacher."""
     lr: float = 3e-3
     """Peak learning rate when the project trains the teacher (warm-up, then cosine)."""
+    seed: int = 0
+    """Seed of a trained teacher's initialisation and data order (each seed is its own
+    cached teacher). Teachers of one recipe differ: how much is what a second seed shows."""
     vocab_size: int = 8192
     """BPE vocabulary of the tokenizer the project trains on a user's corpus for its teacher
     (``data.source`` not ``world``: the world has its own 2,048). Above 8,192 the soft-label
@@ -282,6 +285,7 @@ ALLOWED: dict[str, str] = {
     "teacher.steps": "integer >= 1",
     "teacher.batch_size": "integer >= 1, at most the training blocks",
     "teacher.lr": "number > 0",
+    "teacher.seed": "integer",
     "teacher.vocab_size": "integer in [512, 262144]; only with a data.source other than world",
     "teacher.mode": " | ".join(TEACHER_MODES),
     "teacher.top_k": "integer in [0, 65536]",

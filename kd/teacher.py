@@ -34,7 +34,10 @@ NOT_WEIGHTS = ("source", "trust_remote_code", "mode", "top_k", "soft_labels_dir"
                "grid_min_temperature", "grid_max_temperature", "grid_points", "tail_samples",
                "proposal_temperature",
                # Keyed through the tokenizer it trains, which the blocks' fingerprint covers.
-               "vocab_size")
+               "vocab_size",
+               # Keyed as the training config's seed (teacher_train_config), where it was 0
+               # before it could be set: a seed-0 teacher keeps its cache entry.
+               "seed")
 #: train.* fields the teacher's training shares with the student's that do not change its
 #: weights: ``eval_blocks`` (only what its history reports), and three that change them only
 #: by floating-point rounding (the same initialisation, data order and arithmetic), so a
@@ -90,7 +93,7 @@ def teacher_train_config(cfg: KDConfig, precision: str | None = None) -> TrainCo
     """The training settings of a teacher the project trains: the student's, with the
     teacher's schedule, and ``precision`` (resolved, in :func:`ensure_teacher`) if given."""
     t = cfg.teacher
-    return replace(cfg.train, steps=t.steps, batch_size=t.batch_size, lr=t.lr, seed=0,
+    return replace(cfg.train, steps=t.steps, batch_size=t.batch_size, lr=t.lr, seed=t.seed,
                    warmup_steps=max(1, t.steps // 20), eval_every=max(1, t.steps // 4),
                    precision=precision or cfg.train.precision)
 
@@ -133,7 +136,7 @@ def ensure_teacher(cfg: KDConfig, *, progress: bool = False, blocks: Blocks | No
     from transformers import AutoModelForCausalLM
 
     blocks = blocks or load_blocks(cfg.data, tokenizer)
-    torch.manual_seed(0)
+    torch.manual_seed(cfg.teacher.seed)
     model = AutoModelForCausalLM.from_config(_model_config(cfg, tokenizer))
     if progress:
         print(f"training the teacher ({cfg.teacher.arch} {cfg.teacher.n_layer}x{cfg.teacher.n_embd}, "

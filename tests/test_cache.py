@@ -172,12 +172,23 @@ def _cfg(tiny: dict, **extra):
 
 
 @pytest.mark.parametrize("override", [{"train.weight_decay": 0.0}, {"train.grad_clip": 0.5},
-                                      {"train.grad_clip": 0}, {"teacher.lr": 1e-3}, {"data.block_size": 64}])
+                                      {"train.grad_clip": 0}, {"teacher.lr": 1e-3}, {"data.block_size": 64},
+                                      {"teacher.seed": 1}])
 def test_every_setting_that_changes_the_teachers_weights_changes_its_key(tiny_overrides, tok, override):
     from kd.teacher import teacher_fingerprint
 
     base = teacher_fingerprint(_cfg(tiny_overrides, **{"train.precision": "fp32"}), tok)
     assert teacher_fingerprint(_cfg(tiny_overrides, **{"train.precision": "fp32", **override}), tok) != base
+
+
+def test_the_teacher_seed_is_keyed_once_where_seed_0_always_was(tiny_overrides, tok):
+    """teacher.seed enters the key as the training config's seed, which was 0 before the
+    knob existed: a seed-0 teacher trained then keeps its cache entry."""
+    from kd.teacher import teacher_key
+
+    key = teacher_key(_cfg(tiny_overrides), tok, "fp32")
+    assert "seed" not in key["teacher"] and key["train"]["seed"] == 0
+    assert teacher_key(_cfg(tiny_overrides, **{"teacher.seed": 5}), tok, "fp32")["train"]["seed"] == 5
 
 
 @pytest.mark.parametrize("override", [{"train.steps": 7}, {"train.lr": 0.1}, {"train.seed": 3},
