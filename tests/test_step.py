@@ -58,15 +58,18 @@ def _tiny_gpt2() -> GPT2LMHeadModel:
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
 
 
+def _tiny_step_inputs() -> tuple[GPT2LMHeadModel, torch.Tensor, dict[str, torch.Tensor]]:
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    return _tiny_gpt2(), ids, {"teacher_logits": torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(2))}
+
+
 def test_one_compiled_graph_serves_every_temperature():
     # Each trial of a temperature sweep builds its step anew (and resets dynamo); with the
     # temperature a runtime input, the second temperature's graph is inductor's cached one
     # instead of a fresh compile of every kernel, and the values are the eager step's.
     from torch._dynamo.utils import counters
 
-    model = _tiny_gpt2()
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
-    targets = {"teacher_logits": torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(2))}
+    model, ids, targets = _tiny_step_inputs()
     misses, hits = [], []
     for temperature in (2.0, 3.0):
         cfg = LossConfig(temperature=temperature, kd_weight=0.5)
@@ -89,9 +92,7 @@ def test_a_new_process_step_is_served_from_the_aot_cache(precision):
     # Function (the fused loss) unless the step marks them cacheable.
     from torch._dynamo.utils import counters
 
-    model = _tiny_gpt2()
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
-    targets = {"teacher_logits": torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(2))}
+    model, ids, targets = _tiny_step_inputs()
     cfg = LossConfig(temperature=2.0, kd_weight=0.5)
     seen = []
     for _ in range(2):

@@ -166,8 +166,9 @@ def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> KDConfig:
 #:        students started from the teacher (evenly spaced layers as DistilBERT and DistilGPT2
 #:        were, the leading slice of each weight when narrower: kd.models.build_student) so
 #:        that they learn inside the main job's budget: the whole temperature sweep, teacher
-#:        training on first use included, took 18.4 minutes on 2 AVX2 cores, where everything
-#:        runs in fp32 (7.3 of them the teacher, 9.5 the 16 student runs; BENCHMARKS.md).
+#:        training on first use included, took 7-8 minutes on 2 Xeon cores with AMX (bf16)
+#:        and 18.4 on 2 AVX2 cores, where everything runs in fp32 (7.3 of them the teacher,
+#:        9.5 the 16 student runs; BENCHMARKS.md).
 #: full:  the default world with the teacher trained twice as long; students at the
 #:        teacher's token budget (students compare fairly only at equal token budgets).
 PRESETS: dict[str, dict[str, Any]] = {
