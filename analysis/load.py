@@ -32,6 +32,9 @@ class Sweep:
     """The parent's ``teacher_*`` metrics with the prefix removed."""
     verdict: str = ""
     """The sentence the sweep ended with (tag ``kd.verdict``; see kd.sweep.results)."""
+    region: tuple[str, float, float] | None = None
+    """(knob, low, high): the values of the one searched knob whose runs cannot be told
+    apart from the best (tag ``kd.best_region_knob``, metrics ``best_region_low/high``)."""
 
 
 def _client(tracking_uri: str):
@@ -90,9 +93,12 @@ def load_sweep(tracking_uri: str, experiment: str, parent_run_id: str | None = N
     teacher = {k.removeprefix("teacher_"): float(v) for k, v in parent.data.metrics.items()
                if k.startswith("teacher_")}
     params = {k: _parse_value(v) for k, v in parent.data.params.items()}
+    knob, m = parent.data.tags.get("kd.best_region_knob"), parent.data.metrics
+    region = (knob, float(m["best_region_low"]), float(m["best_region_high"])) \
+        if knob and {"best_region_low", "best_region_high"} <= set(m) else None
     return Sweep(run_id=parent.info.run_id, experiment_id=exp_id,
                  name=parent.info.run_name or "", params=params, teacher=teacher,
-                 verdict=parent.data.tags.get("kd.verdict", ""))
+                 verdict=parent.data.tags.get("kd.verdict", ""), region=region)
 
 
 def load_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = None,

@@ -101,13 +101,15 @@ def plot_sensitivity(sens: pd.DataFrame, teacher: dict[str, float] | None = None
 
 
 def plot_knob(frame: pd.DataFrame, sens: pd.DataFrame | None = None,
-              reference: tuple[float, float] | None = None, teacher: dict[str, float] | None = None) -> Figure:
+              reference: tuple[float, float] | None = None, teacher: dict[str, float] | None = None,
+              region: tuple[float, float] | None = None) -> Figure:
     """Every trial of a :func:`knob_frame` against its knob, in two panels.
 
     Top: the metric of each evaluated trial (filled: trained to the full budget; hollow:
     early-stopped, evaluated at the step it reached), the mean +- seed std of each value
-    from ``sens`` where there are repeats, the CE-only ``reference`` (mean, std) as a band.
-    Bottom: validation loss at the last step each trial reached, for every trial.
+    from ``sens`` where there are repeats, the CE-only ``reference`` (mean, std) as a band,
+    and the best ``region`` (low, high: values whose runs cannot be told apart from the
+    best) shaded. Bottom: validation loss at the last step each trial reached, for every trial.
     """
     param, metric = frame.attrs["param"], frame.attrs["metric"]
     fig = Figure(figsize=(6.4, 6.0), layout="constrained")
@@ -136,6 +138,13 @@ def plot_knob(frame: pd.DataFrame, sens: pd.DataFrame | None = None,
             top.axhspan(mean - std, mean + std, color="#2ca02c", alpha=0.12)
     if teacher and metric in teacher:
         top.axhline(teacher[metric], color=TEACHER_COLOR, ls=":", lw=1, label="teacher")
+    if region is not None:
+        for ax in (top, bottom):
+            label = "best region (not behind the best)" if ax is top else None
+            if region[0] < region[1]:
+                ax.axvspan(region[0], region[1], color="#ff7f0e", alpha=0.10, lw=0, label=label)
+            else:  # the best alone: a span would have no width
+                ax.axvline(region[0], color="#ff7f0e", alpha=0.5, lw=3, label=label)
     if param in ("loss.temperature",):
         top.set_xscale("log")
     top.set_ylabel(_label(metric))
@@ -219,8 +228,9 @@ def save_plots(df: pd.DataFrame, sweep: Sweep, out_dir: str | Path,
                         ("loss.kd_weight", "acc_vs_kd_weight")):
         if _varies(df, param) and "acc_mean" in df.columns:
             sens = sensitivity(df, param, "acc_mean", hold="others")
+            region = sweep.region[1:] if sweep.region and sweep.region[0] == param else None
             figs[name] = plot_knob(knob_frame(df, param), sens,
-                                   None if param == "loss.kd_weight" else ref, sweep.teacher)
+                                   None if param == "loss.kd_weight" else ref, sweep.teacher, region)
     if (_varies(df, "student.n_layer") or _varies(df, "student.n_embd")) \
             and "acc_mean" in df.columns:
         figs["size_heatmap"] = plot_heatmap(size_grid(df, "acc_mean"))

@@ -138,7 +138,9 @@ class Tracker:
 
         On the parent: ``<entry>_<metric>_mean`` / ``_std`` and ``<entry>_n_seeds`` for the
         reference, the best, the best's repeats alone (``best_fresh``) and the runner-up (or
-        ``front<i>_...``), tag ``kd.verdict``, and the whole
+        ``front<i>_...``), the best region's size and margin (``best_region_near``,
+        ``_behind``, ``_margin``) and, over one knob, its ends (``best_region_low`` / ``_high``,
+        tag ``kd.best_region_knob``), tag ``kd.verdict``, and the whole
         summary as artifact ``summary.json``. On each run of a configuration with several
         seeds: ``<metric>_seed_mean``, ``<metric>_seed_std`` and ``n_seeds``.
         """
@@ -152,6 +154,13 @@ class Tracker:
             flat[f"{name}_n_seeds"] = e["n_seeds"]
             flat.update({f"{name}_{m}_mean": v for m, v in e["mean"].items()})
             flat.update({f"{name}_{m}_std": v for m, v in e["std"].items()})
+        near = summary.get("best_region")
+        if near:
+            flat.update(best_region_near=len(near["near"]), best_region_behind=len(near["behind"]),
+                        best_region_margin=near["margin"])
+            if "knob" in near:  # what the report's knob plot shades
+                flat.update(best_region_low=near["low"], best_region_high=near["high"])
+                self.client.set_tag(parent_id, "kd.best_region_knob", near["knob"])
         self.log_metrics(parent_id, flat)
         if summary.get("verdict"):
             self.client.set_tag(parent_id, "kd.verdict", summary["verdict"][:5000])

@@ -226,6 +226,50 @@ def test_the_verdict_pairs_runs_of_one_seed():
     assert "Welch's t = " in two["verdict"] and "paired" not in two["verdict"]
 
 
+def test_the_best_region_holds_what_cannot_be_told_apart_from_the_best():
+    """The answer is a region, not one temperature: the one-seed runs within the noise of
+    one run of the best's repeats' mean (the spread pooled from the runs with several seeds).
+    The figures are world seed 0's main job (1,500-step teacher, bench/results)."""
+    from kd.sweep.results import best_region, t95
+
+    searched = {0.539: 0.8628, 0.622: 0.8670, 2.0: 0.8701, 2.52: 0.8745, 3.79: 0.8935, 6.99: 0.8918,
+                19.6: 0.8958}
+    trials = [_t(f"s{i}", "trial", temp, 0, acc) for i, (temp, acc) in enumerate(searched.items())]
+    fresh = [0.9092, 0.9044, 0.9117, 0.9050]
+    ref = [0.8766, 0.8762, 0.8749, 0.9026]
+    trials += [_t("best", "trial", 18.0, 0, 0.8960), *[_t(f"b{k}", "repeat", 18.0, k + 1, v) for k, v in enumerate(fresh)],
+               *[_t(f"r{k}", "reference", None, k + 1, v) for k, v in enumerate(ref)]]
+    s = summarize(trials, ["acc_mean"], {"acc_mean": 0.928})
+    near = s["best_region"]
+    sd = lambda v: __import__("statistics").stdev(v)  # noqa: E731
+    noise = ((3 * sd(fresh) ** 2 + 3 * sd(ref) ** 2) / 6) ** 0.5
+    assert near["noise_std"] == pytest.approx(noise) and near["df"] == 6
+    assert near["margin"] == pytest.approx(t95(6) * noise * (1 + 1 / 4) ** 0.5)
+    cut = sum(fresh) / 4 - near["margin"]
+    assert sorted(c["loss.temperature"] for c in near["near"]) == sorted([18.0, *(t for t, a in searched.items() if a >= cut)])
+    assert (near["knob"], near["low"], near["high"], near["gaps"]) == ("loss.temperature", 3.79, 19.6, [])
+    assert "beats the CE-only reference" in s["verdict"] and "paired t = " in s["verdict"]
+    assert ("needs 2.35. Best region: loss.temperature 3.79 to 19.6, the 4 of the 8 temperatures tried that "
+            "cannot be told apart from the best") in s["verdict"]
+    assert "runner-up" not in s["verdict"]  # the region says more than the runner-up's clause
+    # A run behind the best inside the region is named as a gap.
+    dip = summarize([t if t["trial_id"] != "s5" else _t("s5", "trial", 6.99, 0, 0.80) for t in trials],
+                    ["acc_mean"], {"acc_mean": 0.928})
+    assert dip["best_region"]["gaps"] == [6.99] and "; inside it, 6.99 fell behind." in dip["verdict"]
+    # With every configuration on one seed there is no spread to test with: no region, and
+    # the runner-up's clause says so.
+    lone = summarize([t for t in trials if t["role"] == "trial"], ["acc_mean"], {})
+    assert "best_region" not in lone and "with no seed spread to tell them apart" in lone["verdict"]
+    # Configurations that differ in more than one key are named, not given a range.
+    shape = lambda t, n, e: dict(t, params={"student.n_layer": n, "student.n_embd": e})  # noqa: E731
+    sized = [shape(t, 1, 64 * (i + 1)) for i, t in enumerate(trials[:7])]
+    sized += [shape(t, 2, 512) for t in trials[7:12]] + trials[12:]
+    text = summarize(sized, ["acc_mean"], {})["verdict"]
+    assert "Best region: the 4 of the 8 configurations tried that cannot be told apart from the best" in text
+    assert text.endswith("student.n_layer=1, student.n_embd=448; student.n_layer=2, student.n_embd=512.")
+    assert "student.n_embd=320" in text and "student.n_embd=256" not in text
+
+
 def _t(tid, role, temp, seed, acc, status="FINISHED"):
     return {"trial_id": tid, "role": role, "status": status, "seed": seed,
             "params": {} if role == "reference" else {"loss.temperature": temp},

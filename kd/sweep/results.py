@@ -38,7 +38,7 @@ class SweepResults:
     trials: list[dict[str, Any]] = field(default_factory=list)
     """One dict per trial: trial_id, role, status, run_id, params, metrics, error."""
     summary: dict[str, Any] = field(default_factory=dict)
-    """teacher, reference, best or front, configs, verdict (see :func:`summarize`)."""
+    """teacher, reference, best or front, configs, best_region, verdict (see :func:`summarize`)."""
     wall_time_s: float = 0.0
     interrupted: bool = False
     error: str | None = None
@@ -147,7 +147,7 @@ def _pm(e: dict[str, Any], m: str) -> str:
 
 
 def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, reference: dict | None,
-            front: list[dict] | None = None, fresh: dict | None = None) -> str:
+            front: list[dict] | None = None, fresh: dict | None = None, near: dict | None = None) -> str:
     """One plain sentence: what the sweep found and how sure it is, from the entries.
 
     "Beats" only when a one-sided t-test over the seeds says so at 95% (:func:`compare`):
@@ -157,7 +157,9 @@ def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, re
     standard error, with 3 ~2.1). One seed on either side leaves the spread unknown, and
     the sentence says so. ``fresh``, the best's seeds run after the search picked it
     (its repeats), is what the test against the reference uses when given: the searched
-    run was picked for being high, so a test that counts it favours the best.
+    run was picked for being high, so a test that counts it favours the best. ``near``
+    (:func:`best_region`), when given, replaces the runner-up's clause: it tells every
+    configuration tried apart from the best or not, the runner-up among them.
     """
     m = objectives[0] if len(objectives) == 1 else "acc_mean"
     sign = 1 if direction(m) == "max" else -1
@@ -202,6 +204,8 @@ def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, re
             text += "; the two differ in shape, so the gap is not distillation's alone"
     else:
         text += "; no CE-only reference finished to compare with"
+    if near is not None:
+        return text + ". " + region_text(near)
     if runner_up and m in runner_up["mean"]:
         gap = sign * (best["mean"][m] - runner_up["mean"][m])
         test = compare(best, runner_up, m, sign)
@@ -349,9 +353,72 @@ def _other_shape(config: dict[str, Any], reference: dict[str, Any]) -> str:
     return ", ".join(f"{k}={reference[k]}" for k in keys)
 
 
+def best_region(searched: list[dict[str, Any]], best: dict[str, Any], fresh: dict[str, Any] | None,
+                reference: dict[str, Any] | None, m: str) -> dict[str, Any] | None:
+    """Which configurations tried cannot be told apart from the best: the answer's region.
+
+    Most searched configurations ran one seed, so their own spread is unknown; the spread
+    of one run is taken from the configurations that ran several seeds (the best's repeats
+    and the CE-only reference, pooled; one student shape, so one seed's effect on a run is
+    alike). A configuration is *behind* the best when a one-sided 95% t-test says its mean
+    is below the best's repeats' mean, with that pooled spread; else it is *near*. The best
+    temperature of one run is a draw among the near ones (on the embedded world the top
+    moved between T ~ 1 and T >= 4 from one world seed to the next while the near set
+    overlapped), so the region, not the single best, is the answer a user can act on.
+
+    Returns None when no configuration ran two seeds (no spread to test with). Else
+    ``{"metric", "noise_std", "df", "margin" (how far behind a one-seed run may be and still
+    be near), "near": [config, ...], "behind": [config, ...]}``, plus ``"knob"``, ``"low"``,
+    ``"high"`` and ``"gaps"`` (behind values inside [low, high]) when the configurations
+    differ in one numeric key only.
+    """
+    sign = 1 if direction(m) == "max" else -1
+    top = fresh if fresh is not None and fresh["n_seeds"] >= 2 and m in fresh["std"] else best
+    spread = [e for e in (top, reference) if e is not None and e["n_seeds"] >= 2 and m in e["std"]]
+    if m not in top["mean"] or not spread:
+        return None
+    df = sum(e["n_seeds"] - 1 for e in spread)
+    noise = math.sqrt(sum((e["n_seeds"] - 1) * e["std"][m] ** 2 for e in spread) / df)
+    need = t95(df)
+    near, behind = [], []
+    for e in searched:
+        if m not in e["mean"]:
+            continue
+        gap = sign * (top["mean"][m] - e["mean"][m])
+        se = noise * math.sqrt(1 / top["n_seeds"] + 1 / e["n_seeds"])
+        is_behind = e is not best and _t_stat(gap, se) > need
+        (behind if is_behind else near).append(e["config"])
+    out: dict[str, Any] = {"metric": m, "noise_std": noise, "df": df,
+                           "margin": need * noise * math.sqrt(1 / top["n_seeds"] + 1),
+                           "near": near, "behind": behind}
+    keys = {k for c in near + behind for k in c}
+    varied = [k for k in keys if len({repr(c.get(k)) for c in near + behind}) > 1]
+    if len(varied) == 1 and all(_finite(c.get(varied[0])) for c in near + behind):
+        k = varied[0]
+        lo, hi = min(c[k] for c in near), max(c[k] for c in near)
+        out.update(knob=k, low=lo, high=hi, gaps=sorted(c[k] for c in behind if lo < c[k] < hi))
+    return out
+
+
+def region_text(near: dict[str, Any]) -> str:
+    """The sentence :func:`best_region`'s answer is given in (after the verdict's)."""
+    n_near, n_all = len(near["near"]), len(near["near"]) + len(near["behind"])
+    what = "configurations" if "knob" not in near else near["knob"].split(".")[-1] + "s"
+    why = (f"the {n_near} of the {n_all} {what} tried that cannot be told apart from the best "
+           f"(a one-seed run within {_fmt(near['margin'])} of the best's mean, from the seed spread "
+           f"{_fmt(near['noise_std'])} of the runs with several seeds)")
+    if "knob" not in near:
+        return f"Best region: {why}: " + "; ".join(_name(c) for c in near["near"]) + "."
+    span = (f"{near['knob']}={_fmt(near['low'])}" if near["low"] == near["high"]
+            else f"{near['knob']} {_fmt(near['low'])} to {_fmt(near['high'])}")
+    gaps = f"; inside it, {', '.join(_fmt(v) for v in near['gaps'])} fell behind" if near["gaps"] else ""
+    return f"Best region: {span}, {why}{gaps}."
+
+
 def summarize(trials: list[dict[str, Any]], objectives: list[str], teacher: dict[str, float]) -> dict[str, Any]:
-    """``teacher``, ``reference``, ``best`` + ``runner_up`` (one objective) or ``front`` (several),
-    ``configs`` (every configuration) and ``verdict``: what ``results.json`` carries."""
+    """``teacher``, ``reference``, ``best`` + ``runner_up`` + ``best_region`` (one objective) or
+    ``front`` (several), ``configs`` (every configuration) and ``verdict``: what
+    ``results.json`` carries."""
     metrics = list(dict.fromkeys([*objectives, *SUMMARY_METRICS]))
     entries = [(g, entry(g, metrics)) for g in group(trials)]
     out: dict[str, Any] = {"teacher": teacher, "configs": [e for _, e in entries]}
@@ -379,7 +446,10 @@ def summarize(trials: list[dict[str, Any]], objectives: list[str], teacher: dict
                 out["best_fresh"] = fresh
         if runner is not None:
             out["runner_up"] = runner
-        out["verdict"] = verdict(objectives, best, runner, ref, fresh=fresh)
+        near = best_region(searched, best, fresh, ref, m) if best is not None else None
+        if near is not None:
+            out["best_region"] = near
+        out["verdict"] = verdict(objectives, best, runner, ref, fresh=fresh, near=near)
     else:
         keys = {repr(sorted(config_of(t).items())) for t in front_trials(trials, objectives)}
         front = [e for e in searched if repr(sorted(e["config"].items())) in keys]
