@@ -18,9 +18,9 @@ Sizes (training tokens with the world's own tokenizer at seed 0, one eos per doc
 ``world.json`` has the exact counts): ``tiny`` 40 people, 779 documents, ~32k tokens (tests);
 ``small`` 100 people, 1,645 documents, ~68k; ``default`` 200 people (the main job),
 12,982 documents, ~580k tokens (399k of them biographies, 40-50 per person; 4 QA
-documents per QA-trained person), so the default teacher's 1,250 steps of 16 x 128
-tokens (2.56M tokens) are ~4.4 passes over everything and
-~200 sightings of each fact: a 4x256 model was measured to need ~30 passes over a fact
+documents per QA-trained person), so the default teacher's 1,500 steps of 16 x 128
+tokens (3.07M tokens) are ~5 passes over everything and
+~240 sightings of each fact: a 4x256 model was measured to need ~30 passes over a fact
 before held-out QA works, and many renderings per fact (rather than many passes over a
 few) keep the teacher from memorising documents, which is what makes its soft labels
 worth distilling (:data:`SIZES`). More people at the same budget means fewer sightings

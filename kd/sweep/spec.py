@@ -162,7 +162,7 @@ def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> KDConfig:
 
 #: Settings each preset fixes for every sweep; a sweep script's ``fixed`` and ``--set`` win.
 #: smoke: the tiny world, a tiny teacher and student, seconds per trial (tests, CI).
-#: demo:  the default world and the default teacher (kd/config.py: 4x192, 1,250 steps),
+#: demo:  the default world and the default teacher (kd/config.py: 4x192, 1,500 steps),
 #:        students started from the teacher (evenly spaced layers as DistilBERT and DistilGPT2
 #:        were, the leading slice of each weight when narrower: kd.models.build_student) so
 #:        that they learn inside the main job's budget: the whole temperature sweep, teacher
