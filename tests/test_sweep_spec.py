@@ -163,6 +163,21 @@ def test_the_verdict_tests_the_seeds_run_after_the_pick_not_the_picked_run():
     assert "spread is unknown" in one and "beats" not in one
 
 
+def test_a_does_not_beat_says_when_the_ce_only_students_already_reach_the_teacher():
+    """The usual reason distillation does not pay: the students pass a teacher that drew a
+    weak task, so its soft labels hold little the labels do not. The verdict says so only
+    then, and never beside a "beats"."""
+    ref = _e({"loss.kd_weight": 0.0}, [0.92, 0.94])
+    close = _e({"loss.temperature": 1.0}, [0.92, 0.95])
+    passed = verdict(["acc_mean"], close, None, ref, teacher={"acc_mean": 0.83})
+    assert "does not beat" in passed and "already reach the teacher's acc_mean (0.83)" in passed
+    ahead = verdict(["acc_mean"], close, None, ref, teacher={"acc_mean": 0.97})
+    assert "does not beat" in ahead and "already reach" not in ahead
+    clear = verdict(["acc_mean"], _e({"loss.temperature": 1.0}, [0.99, 1.0]), None, ref, teacher={"acc_mean": 0.83})
+    assert "beats the CE-only reference" in clear and "already reach" not in clear
+    assert "already reach" not in verdict(["acc_mean"], close, None, ref, teacher={})
+
+
 def test_t_quantiles_follow_the_table_between_its_rows():
     from kd.sweep.results import t95, welch
 

@@ -147,7 +147,8 @@ def _pm(e: dict[str, Any], m: str) -> str:
 
 
 def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, reference: dict | None,
-            front: list[dict] | None = None, fresh: dict | None = None, near: dict | None = None) -> str:
+            front: list[dict] | None = None, fresh: dict | None = None, near: dict | None = None,
+            teacher: dict[str, float] | None = None) -> str:
     """One plain sentence: what the sweep found and how sure it is, from the entries.
 
     "Beats" only when a one-sided t-test over the seeds says so at 95% (:func:`compare`):
@@ -159,7 +160,10 @@ def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, re
     (its repeats), is what the test against the reference uses when given: the searched
     run was picked for being high, so a test that counts it favours the best. ``near``
     (:func:`best_region`), when given, replaces the runner-up's clause: it tells every
-    configuration tried apart from the best or not, the runner-up among them.
+    configuration tried apart from the best or not, the runner-up among them. ``teacher``
+    (its metrics), when given, explains a "does not beat" whose CE-only students already
+    reach the teacher: there the teacher's soft labels hold little the labels do not, which
+    is the usual reason distillation does not pay on the embedded world (BENCHMARKS.md).
     """
     m = objectives[0] if len(objectives) == 1 else "acc_mean"
     sign = 1 if direction(m) == "max" else -1
@@ -200,6 +204,9 @@ def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, re
             text += f" and beats {ref} by {_fmt(diff)}: {test.text()}"
         else:
             text += f" and does not beat {ref}: the difference ({_fmt(diff)}) is not significant, {test.text()}"
+            if teacher and m in teacher and sign * (reference["mean"][m] - teacher[m]) >= 0:
+                text += (f"; the CE-only students already reach the teacher's {m} ({_fmt(teacher[m])}), "
+                         "so it has little to teach them")
         if shape:
             text += "; the two differ in shape, so the gap is not distillation's alone"
     else:
@@ -449,7 +456,7 @@ def summarize(trials: list[dict[str, Any]], objectives: list[str], teacher: dict
         near = best_region(searched, best, fresh, ref, m) if best is not None else None
         if near is not None:
             out["best_region"] = near
-        out["verdict"] = verdict(objectives, best, runner, ref, fresh=fresh, near=near)
+        out["verdict"] = verdict(objectives, best, runner, ref, fresh=fresh, near=near, teacher=teacher)
     else:
         keys = {repr(sorted(config_of(t).items())) for t in front_trials(trials, objectives)}
         front = [e for e in searched if repr(sorted(e["config"].items())) in keys]
