@@ -64,7 +64,8 @@ class TeacherConfig:
     one it learnt was its draw: three ``teacher.seed`` values on world seed 0 gave
     completion 0.34-0.83 and QA 0.69-0.99. At 1,500 completion was 0.96-1.00 on all three,
     and in the main job distillation beat CE-only by more than the seeds' noise in 4 runs
-    of 5 on 4 worlds; with 1,250-step teachers in 1 run of 3 (BENCHMARKS.md)."""
+    of 6 on 5 worlds (in the other two the CE-only students passed a teacher that drew a
+    weak QA); with 1,250-step teachers in 1 run of 3 (BENCHMARKS.md)."""
     batch_size: int = 16
     """Blocks per optimizer step when the project trains the teacher."""
     lr: float = 3e-3
