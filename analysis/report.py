@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kd.metrics import METRICS, TASK_METRICS, direction
+from kd.sweep.results import label_reaches_teacher
 
 DEFAULT_FRONT = ("acc_mean", "params", "latency_ms_per_token")
 KNOBS = ("student.n_layer", "student.n_embd", "loss.temperature", "loss.kd_weight",
@@ -340,9 +341,7 @@ def _label_catches_teacher(every, teacher: dict[str, float]) -> str:
     ref = runs[runs["role"] == "reference"]
     at = []
     for m in (*TASK_METRICS, "acc_mean"):
-        # A perfect teacher is no weak one: students level with it there say nothing.
-        if m in teacher and teacher[m] < 1.0 and m in ref.columns and ref[m].notna().any() \
-                and ref[m].mean() >= teacher[m]:
+        if m in ref.columns and ref[m].notna().any() and label_reaches_teacher(m, ref[m].mean(), teacher):
             at.append(f"{m} {fmt(ref[m].mean(), m)} against the teacher's {fmt(teacher[m], m)}")
     if not at:
         return ""

@@ -176,6 +176,11 @@ def test_a_does_not_beat_says_when_the_ce_only_students_already_reach_the_teache
     clear = verdict(["acc_mean"], _e({"loss.temperature": 1.0}, [0.99, 1.0]), None, ref, teacher={"acc_mean": 0.83})
     assert "beats the CE-only reference" in clear and "already reach" not in clear
     assert "already reach" not in verdict(["acc_mean"], close, None, ref, teacher={})
+    from kd.sweep.results import label_reaches_teacher  # the rule the report shares
+
+    assert label_reaches_teacher("em_qa", 0.93, {"em_qa": 0.85})
+    assert not label_reaches_teacher("acc_choice", 1.0, {"acc_choice": 1.0})  # a perfect teacher is no weak one
+    assert not label_reaches_teacher("latency_ms_per_token", 2.0, {"latency_ms_per_token": 1.7})
 
 
 def test_t_quantiles_follow_the_table_between_its_rows():

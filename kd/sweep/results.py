@@ -146,6 +146,16 @@ def _pm(e: dict[str, Any], m: str) -> str:
     return f"{_fmt(e['mean'][m])} ± {_fmt(std)} ({seeds})" if std is not None else f"{_fmt(e['mean'][m])} ({seeds})"
 
 
+def label_reaches_teacher(m: str, reference_mean: float, teacher: dict[str, float]) -> bool:
+    """Whether students trained on the label alone (the CE-only reference's mean) match or
+    pass the teacher on task metric ``m``: there the teacher knows no more than the labels
+    teach, so a distillation effect on ``m`` cannot show. Task accuracies only (``acc_mean``
+    and :data:`TASK_METRICS`); a perfect teacher (1.0) is no weak one, so students level
+    with it say nothing. The verdict and the report's teacher section share this rule."""
+    return (m in (*TASK_METRICS, "acc_mean") and m in teacher and teacher[m] < 1.0
+            and reference_mean >= teacher[m])
+
+
 def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, reference: dict | None,
             front: list[dict] | None = None, fresh: dict | None = None, near: dict | None = None,
             teacher: dict[str, float] | None = None) -> str:
@@ -204,7 +214,7 @@ def verdict(objectives: list[str], best: dict | None, runner_up: dict | None, re
             text += f" and beats {ref} by {_fmt(diff)}: {test.text()}"
         else:
             text += f" and does not beat {ref}: the difference ({_fmt(diff)}) is not significant, {test.text()}"
-            if teacher and m in teacher and sign * (reference["mean"][m] - teacher[m]) >= 0:
+            if teacher and label_reaches_teacher(m, reference["mean"][m], teacher):
                 text += (f"; the CE-only students already reach the teacher's {m} ({_fmt(teacher[m])}), "
                          "so it has little to teach them")
         if shape:
